@@ -1,0 +1,62 @@
+"""Input checks for public boundaries: fail early with a message naming the argument.
+
+Checks run on concrete (host or device) arrays. Under ``jax.jit`` the values are tracers: shape and dtype
+checks still run, value checks (ranges, NaN) are skipped because they cannot raise there; validate at the
+boundary before entering jit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+
+def _is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def check_shape(name: str, x, expected: Sequence[int | None]) -> None:
+    """``expected`` may hold None for a free dimension."""
+    shape = tuple(np.shape(x))
+    if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(f"{name}: expected shape {want}, got {shape}")
+
+
+def check_dtype(name: str, x, kinds: str) -> None:
+    """``kinds`` is a string of numpy dtype kinds: 'i' signed int, 'u' unsigned, 'f' float, 'b' bool."""
+    kind = np.dtype(x.dtype).kind
+    if kind not in kinds:
+        names = {"i": "signed integer", "u": "unsigned integer", "f": "floating", "b": "bool"}
+        want = " or ".join(names.get(k, k) for k in kinds)
+        raise TypeError(f"{name}: expected {want} dtype, got {np.dtype(x.dtype)}")
+
+
+def check_finite(name: str, x) -> None:
+    if _is_tracer(x):
+        return
+    arr = np.asarray(x)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise ValueError(f"{name}: expected finite values, found {arr[tuple(bad)]} at index {tuple(bad)}")
+
+
+def check_range(name: str, x, low: int, high: int, *, allow: Sequence[int] = ()) -> None:
+    """Every value in [low, high) or in ``allow`` (e.g. 0 for padding)."""
+    if _is_tracer(x):
+        return
+    arr = np.asarray(x)
+    ok = (arr >= low) & (arr < high)
+    for a in allow:
+        ok |= arr == a
+    if not ok.all():
+        idx = tuple(np.argwhere(~ok)[0])
+        raise ValueError(f"{name}: expected values in [{low}, {high}), got {arr[idx]} at index {idx}")
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        want = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}: expected {want}, got {value}")

@@ -1,0 +1,35 @@
+"""Test-wide setup: 8 simulated CPU devices (sharded paths are compared with one device) and data paths."""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+_default_data = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if "RECJAX_DATA_DIR" not in os.environ and _default_data.is_dir():
+    os.environ["RECJAX_DATA_DIR"] = str(_default_data)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """Fresh random inputs each run; the seed is printed on failure so a case can be replayed."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"rng seed {seed}")
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+    path = os.environ.get("RECJAX_DATA_DIR")
+    if not path or not pathlib.Path(path).is_dir():
+        pytest.skip("RECJAX_DATA_DIR not set; MovieLens tests need ../shared/data")
+    return pathlib.Path(path)
+
+
+def pytest_report_header(config):
+    return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
