@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from recjax.data import download as dl
+from recjax.data.download import PUBLISHED_MD5, ChecksumError, download
 from recjax.data.movielens import load_ml100k
 
 
@@ -58,42 +58,42 @@ def test_download_loopback_checksums(tmp_path, rng):
     data = _tiny_ml100k_zip(served / "ml-100k.zip", rng)
     sha, md5 = hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest()
     with _serve(served) as base:
-        out = dl.download("ml-100k", tmp_path / "a", url=f"{base}/ml-100k.zip", checksum=f"sha256:{sha}")
+        out = download("ml-100k", tmp_path / "a", url=f"{base}/ml-100k.zip", checksum=f"sha256:{sha}")
         assert out == tmp_path / "a" / "ml-100k" and (out / "u.data").is_file()
         ds = load_ml100k(tmp_path / "a")
         assert ds.num_interactions == 12 and ds.num_items == 12
-        out = dl.download("ml-100k", tmp_path / "b", url=f"{base}/ml-100k.zip", checksum=md5)  # bare MD5
+        out = download("ml-100k", tmp_path / "b", url=f"{base}/ml-100k.zip", checksum=md5)  # bare MD5
         assert (out / "u.item").is_file()
         wrong = "0" * 64
-        with pytest.raises(dl.ChecksumError, match=rf"expected sha256 {wrong}, got {sha}.*removed"):
-            dl.download("ml-100k", tmp_path / "c", url=f"{base}/ml-100k.zip", checksum=wrong)
+        with pytest.raises(ChecksumError, match=rf"expected sha256 {wrong}, got {sha}.*removed"):
+            download("ml-100k", tmp_path / "c", url=f"{base}/ml-100k.zip", checksum=wrong)
         assert list((tmp_path / "c").iterdir()) == []  # nothing partial left behind
         # the published MD5 of the real archive does not match this tiny one
-        with pytest.raises(dl.ChecksumError, match=dl.PUBLISHED_MD5["ml-100k"]):
-            dl.download("ml-100k", tmp_path / "d", url=f"{base}/ml-100k.zip")
+        with pytest.raises(ChecksumError, match=PUBLISHED_MD5["ml-100k"]):
+            download("ml-100k", tmp_path / "d", url=f"{base}/ml-100k.zip")
         with pytest.raises(OSError, match="download of ml-100k from .*missing.zip failed"):
-            dl.download("ml-100k", tmp_path / "e", url=f"{base}/missing.zip", checksum=md5)
+            download("ml-100k", tmp_path / "e", url=f"{base}/missing.zip", checksum=md5)
         assert list((tmp_path / "e").iterdir()) == []
 
 
 def test_download_file_url_and_reuse(tmp_path, rng):
     data = _tiny_ml100k_zip(tmp_path / "src.zip", rng)
     sha = hashlib.sha256(data).hexdigest()
-    out = dl.download("ml-100k", tmp_path / "x", url=(tmp_path / "src.zip").as_uri(), checksum=sha)
+    out = download("ml-100k", tmp_path / "x", url=(tmp_path / "src.zip").as_uri(), checksum=sha)
     assert (out / "u.data").read_bytes() == zipfile.ZipFile(tmp_path / "src.zip").read("ml-100k/u.data")
     (tmp_path / "src.zip").unlink()  # a verified archive already in dest_dir is reused, not fetched again
-    assert dl.download("ml-100k", tmp_path / "x", url="file:///nonexistent.zip", checksum=sha) == out
+    assert download("ml-100k", tmp_path / "x", url="file:///nonexistent.zip", checksum=sha) == out
 
 
 def test_download_bad_arguments_and_unsafe_zip(tmp_path):
     with pytest.raises(ValueError, match=r"name: expected one of \['ml-100k', 'ml-1m'\], got 'ml-20m'"):
-        dl.download("ml-20m", tmp_path)
+        download("ml-20m", tmp_path)
     with pytest.raises(ValueError, match="checksum: expected 'sha256:<64 hex>'"):
-        dl.download("ml-1m", tmp_path, checksum="sha256:1234")
+        download("ml-1m", tmp_path, checksum="sha256:1234")
     evil = tmp_path / "evil.zip"
     with zipfile.ZipFile(evil, "w") as z:
         z.writestr("../outside.txt", "x")
     sha = hashlib.sha256(evil.read_bytes()).hexdigest()
     with pytest.raises(ValueError, match="would extract outside"):
-        dl.download("ml-1m", tmp_path / "y", url=evil.as_uri(), checksum=sha)
+        download("ml-1m", tmp_path / "y", url=evil.as_uri(), checksum=sha)
     assert not (tmp_path / "outside.txt").exists()
