@@ -225,9 +225,20 @@ def load_ml1m_sequential(data_dir: str | os.PathLike | None = None) -> SequenceD
     """ML-1M in the SASRec form (ml-1m/ml-1m.sasrec.txt.gz): 6040 users, 3416 items, 999611 interactions.
 
     No ratings or timestamps in this form. Side features come from movies.dat / users.dat through
-    sas_to_original_items.txt / sas_to_original_users.txt.
+    sas_to_original_items.txt / sas_to_original_users.txt. Where the SASRec file is absent but the official
+    archive is there (ml-1m/ratings.dat or ml-1m.zip, as ``download("ml-1m", DIR)`` leaves it), the same
+    sequences are built from it with ``load_ml1m_ratings`` (ratings and timestamps then included).
     """
-    root = resolve_data_dir(data_dir, required="ml-1m/ml-1m.sasrec.txt.gz") / "ml-1m"
+    try:
+        root = resolve_data_dir(data_dir, required="ml-1m/ml-1m.sasrec.txt.gz") / "ml-1m"
+    except FileNotFoundError:
+        for official in ("ml-1m/ratings.dat", "ml-1m.zip"):
+            try:
+                base = resolve_data_dir(data_dir, required=official)
+            except FileNotFoundError:
+                continue
+            return load_ml1m_ratings(base / official.removesuffix("/ratings.dat"), name="ml-1m")
+        raise
     path = root / "ml-1m.sasrec.txt.gz"
     with gzip.open(path, "rt", encoding="ascii", errors="replace") as f:
         text = f.read()
@@ -305,6 +316,8 @@ def load_ml1m_ratings(
     if min_count > 0:
         keep = (np.bincount(users)[users] >= min_count) & (np.bincount(items)[items] >= min_count)
         users, items, ratings, times = users[keep], items[keep], ratings[keep], times[keep]
+        if not keep.any():
+            raise ValueError(f"{src}: no ratings left after min_count={min_count} filtering")
     if reindex:
         # users ordered by their first rating time; items by first appearance user by user
         first_time = np.full(users.max() + 1, np.iinfo(np.int64).max)

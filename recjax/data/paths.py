@@ -16,9 +16,9 @@ _HOW_TO_GET = (
     "To get the data: `from recjax.data import download; download('ml-1m', DIR)` (or 'ml-100k'), which "
     "fetches and verifies the official GroupLens archives "
     + ", ".join(GROUPLENS_URLS.values())
-    + f"; then pass data_dir=DIR or set {ENV_VAR}=DIR. The SASRec-form file ml-1m/ml-1m.sasrec.txt.gz is "
-    "data/ml-1m.txt of the SASRec reference implementation, gzipped; load_ml1m_ratings builds the same "
-    "sequences from the official archive."
+    + f"; then pass data_dir=DIR or set {ENV_VAR}=DIR. The SASRec-form file ml-1m/ml-1m.sasrec.txt.gz "
+    "(data/ml-1m.txt of the SASRec reference implementation, gzipped) is optional: without it "
+    "load_ml1m_sequential builds the same sequences from the official archive."
 )
 
 

@@ -66,7 +66,9 @@ def test_ratings_archive_reproduces_sasrec_form(ml1m, data_dir, tmp_path, rng):
     root = tmp_path / "ml-1m"
     root.mkdir()
     item_map, user_map = _write_ratings_from_sasrec(ml1m, data_dir, root / "ratings.dat", rng)
-    ds = movielens.load_ml1m_ratings(root)  # movies.dat / users.dat absent: no side features
+    # no SASRec file here: load_ml1m_sequential falls back to load_ml1m_ratings(tmp_path / "ml-1m")
+    ds = movielens.load_ml1m_sequential(tmp_path)
+    assert ds.name == "ml-1m" and ds.ratings is not None and ds.item_features == {}  # no movies.dat here
     assert (ds.num_users, ds.num_items, ds.num_interactions) == (6040, 3416, 999611)
     for u in (0, 1, 2, 996, 6039):
         np.testing.assert_array_equal(ds.sequences[u], ml1m.sequences[u])
@@ -146,4 +148,7 @@ def test_missing_data_message(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"explicit data_dir argument: .*elsewhere.*u.data"):
         movielens.load_ml100k(tmp_path / "elsewhere")
     with pytest.raises(FileNotFoundError, match="ratings.dat"):
+        movielens.load_ml1m_ratings(tmp_path)
+    (tmp_path / "ratings.dat").write_text("1::2::3::4\n")
+    with pytest.raises(ValueError, match="no ratings left after min_count=5 filtering"):
         movielens.load_ml1m_ratings(tmp_path)
