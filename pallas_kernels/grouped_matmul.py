@@ -169,7 +169,10 @@ def _up_kernel(token_ref, tile_expert_ref, x_ref, wg_ref, *rest, n_tok, num_expe
 
         zero = jnp.zeros((bm, bn), jnp.float32)
         a, b = jax.lax.fori_loop(0, x_ref.shape[1] // bk, body, (zero, zero))
-        h = _silu(a) * b if wu_ref is not None else _silu(a)
+        if activation == "linear":  # plain grouped GEMM, for the microbenchmark
+            h = a
+        else:
+            h = _silu(a) * b if wu_ref is not None else _silu(a)
         h_ref[...] = h.astype(h_ref.dtype)
 
     @pl.when(e >= num_experts)
@@ -329,6 +332,7 @@ def _check_blocks(d, f, blocks):
 
 
 def expert_up(plan, x_LxD, wg_ExDxF, wu_ExDxF, *, blocks, activation, interpret):
+    """h_PxF: rows gathered by ``plan.token_P``; activation "swiglu", "silu" or "linear" (plain GEMM)."""
     n_tok, d = x_LxD.shape
     num_experts, _, f = wg_ExDxF.shape
     p_rows = plan.token_P.shape[0]

@@ -1,0 +1,148 @@
+"""Routed expert FFN and grouped matmul: the ops the MoE layer goes through.
+
+``moe_expert_ffn(x_LxD, expert_ids_LxK, weights_LxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, impl=...)``
+returns y_LxD = sum_k weights[l, k] * FFN_{expert_ids[l, k]}(x[l]). Implementations:
+- ``"pallas"``: MoEBlaze index dispatch with fused kernels (``pallas_kernels.grouped_matmul``): no permuted
+  copy of x, SwiGLU fused into the first grouped GEMM, weighted combine fused into the second, backward
+  recomputes the activation. Off a GPU it runs in Pallas interpret mode (slow; for tests).
+- ``"xla"``: sort, permute (a gathered (L*K, D) copy), ``jax.lax.ragged_dot``, unpermute (MaxText style).
+- ``"reference"``: every expert on every token in float32 (the definition; O(L E D F), small inputs only).
+``"auto"`` is Pallas on an NVIDIA GPU with compute capability >= 8.0 and XLA elsewhere.
+
+``grouped_matmul(lhs_MxK, rhs_GxKxN, group_sizes_G, impl="xla"|"reference")``: rows in consecutive groups.
+
+Letters: L tokens, D model dim, F expert hidden, E experts, K top-k; M rows, G groups, N output columns.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import grouped_matmul as gm
+from recjax import validation
+
+IMPLS = ("auto", "pallas", "xla", "reference")
+Blocks = gm.Blocks
+
+
+def pallas_supported() -> bool:
+    """Triton-lowering Pallas on an NVIDIA GPU with bf16 tensor cores (sm_80+)."""
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return False
+    cc = getattr(dev, "compute_capability", None)
+    return dev.platform == "gpu" and cc is not None and float(cc) >= 8.0
+
+
+def resolve_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "pallas" if pallas_supported() else "xla"
+    return impl
+
+
+def default_blocks(d_model: int, ffn_dim: int, num_tokens: int) -> Blocks:
+    """Largest power-of-two tiles (<= 64) dividing D and F; fewer padding rows for tiny inputs."""
+
+    def fit(cap: int) -> int:
+        b = cap
+        while b > 16 and (d_model % b or ffn_dim % b):
+            b //= 2
+        return b
+
+    bn = fit(64)
+    bm = 64 if num_tokens >= 4096 else 16
+    return Blocks(bm=bm, bn=bn, bk=bn)
+
+
+def _xla(x, expert_ids, weights, wg, wu, w2, activation):
+    n_tok, k = expert_ids.shape
+    num_experts = wg.shape[0]
+    flat = expert_ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.searchsorted(flat[order], jnp.arange(num_experts + 1), side="left")
+    sizes = (sizes[1:] - sizes[:-1]).astype(jnp.int32)
+    xs = x[order // k]  # the permuted copy the fused path avoids
+    a = jax.lax.ragged_dot(xs, wg, sizes, preferred_element_type=jnp.float32)
+    h = jax.nn.silu(a)
+    if activation == "swiglu":
+        h = h * jax.lax.ragged_dot(xs, wu, sizes, preferred_element_type=jnp.float32)
+    ys = jax.lax.ragged_dot(h.astype(x.dtype), w2, sizes, preferred_element_type=jnp.float32)
+    ys = ys * weights.reshape(-1)[order].astype(jnp.float32)[:, None]
+    inverse = jnp.argsort(order)
+    return ys[inverse].reshape(n_tok, k, -1).sum(axis=1).astype(x.dtype)
+
+
+def validate_ffn_inputs(
+    x_LxD, expert_ids_LxK, weights_LxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, activation: str
+) -> None:
+    if activation not in gm.ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {gm.ACTIVATIONS}, got {activation!r}")
+    validation.check_shape("x_LxD", x_LxD, (None, None))
+    validation.check_dtype("x_LxD", x_LxD, "f")
+    n_tok, d = x_LxD.shape
+    validation.check_shape("w_gate_ExDxF", w_gate_ExDxF, (None, d, None))
+    num_experts, _, f = w_gate_ExDxF.shape
+    if activation == "swiglu":
+        if w_up_ExDxF is None:
+            raise ValueError("w_up_ExDxF: required for activation='swiglu', got None")
+        validation.check_shape("w_up_ExDxF", w_up_ExDxF, (num_experts, d, f))
+    validation.check_shape("w_down_ExFxD", w_down_ExFxD, (num_experts, f, d))
+    validation.check_shape("expert_ids_LxK", expert_ids_LxK, (n_tok, None))
+    validation.check_dtype("expert_ids_LxK", expert_ids_LxK, "iu")
+    k = expert_ids_LxK.shape[1]
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"top_k: expected 1 <= k <= num_experts={num_experts}, got {k}")
+    validation.check_shape("weights_LxK", weights_LxK, (n_tok, k))
+    validation.check_dtype("weights_LxK", weights_LxK, "f")
+    validation.check_range("expert_ids_LxK", expert_ids_LxK, 0, num_experts)
+    validation.check_finite("weights_LxK", weights_LxK)
+
+
+def moe_expert_ffn(
+    x_LxD: jax.Array,
+    expert_ids_LxK: jax.Array,
+    weights_LxK: jax.Array,
+    w_gate_ExDxF: jax.Array,
+    w_up_ExDxF: jax.Array | None,
+    w_down_ExFxD: jax.Array,
+    *,
+    activation: str = "swiglu",
+    impl: str = "auto",
+    blocks: Blocks | None = None,
+) -> jax.Array:
+    """y_LxD (x's dtype) = sum_k weights * expert FFN; expert ids within a row must be distinct."""
+    validate_ffn_inputs(
+        x_LxD, expert_ids_LxK, weights_LxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, activation
+    )
+    name = resolve_impl(impl)
+    args = (x_LxD, expert_ids_LxK.astype(jnp.int32), weights_LxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+    if name == "reference":
+        return gm.moe_ffn_reference(*args, activation=activation).astype(x_LxD.dtype)
+    if name == "xla":
+        return _xla(*args, activation)
+    if blocks is None:
+        blocks = default_blocks(x_LxD.shape[1], w_gate_ExDxF.shape[2], x_LxD.shape[0])
+    interpret = not pallas_supported()
+    return gm.moe_ffn(*args, activation=activation, blocks=blocks, interpret=interpret)
+
+
+def grouped_matmul(
+    lhs_MxK: jax.Array, rhs_GxKxN: jax.Array, group_sizes_G: jax.Array, *, impl: str = "xla"
+) -> jax.Array:
+    """out[m] = lhs[m] @ rhs[g(m)] with rows in consecutive groups of ``group_sizes_G`` (sum <= M)."""
+    validation.check_shape("lhs_MxK", lhs_MxK, (None, None))
+    validation.check_shape("rhs_GxKxN", rhs_GxKxN, (None, lhs_MxK.shape[1], None))
+    validation.check_shape("group_sizes_G", group_sizes_G, (rhs_GxKxN.shape[0],))
+    validation.check_dtype("group_sizes_G", group_sizes_G, "iu")
+    if impl not in ("xla", "reference", "auto"):
+        raise ValueError(f"impl: expected 'auto', 'xla' or 'reference', got {impl!r}")
+    if impl == "reference":
+        return gm.grouped_matmul_reference(lhs_MxK, rhs_GxKxN, group_sizes_G)
+    out = jax.lax.ragged_dot(
+        lhs_MxK, rhs_GxKxN, group_sizes_G.astype(jnp.int32), preferred_element_type=jnp.float32
+    )
+    return out
