@@ -336,7 +336,7 @@ def expert_up(plan, x_LxD, wg_ExDxF, wu_ExDxF, *, blocks, activation, interpret)
     n_tok, d = x_LxD.shape
     num_experts, _, f = wg_ExDxF.shape
     p_rows = plan.token_P.shape[0]
-    ws = (wg_ExDxF,) if activation == "silu" else (wg_ExDxF, wu_ExDxF)
+    ws = (wg_ExDxF, wu_ExDxF) if activation == "swiglu" else (wg_ExDxF,)
     kernel = functools.partial(
         _up_kernel, n_tok=n_tok, num_experts=num_experts, blocks=blocks, activation=activation
     )
