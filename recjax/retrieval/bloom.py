@@ -140,26 +140,27 @@ def build_bloom_index(
     (probed evaluation reads up to one cluster past an offset)."""
     validation.check_positive("bits_per_item", config.bits_per_item)
     validation.check_positive("num_hashes", config.num_hashes)
-    rows_per_feature = []
-    for name, codes in features.codes.items():
-        table = np.stack(
-            [term_rows(f"{name}:{v}", config) for v in features.vocab[name]]
-            or [np.zeros(config.num_hashes, np.int32)]
-        )
-        r = table[np.maximum(codes, 0)]  # (N, V, K)
-        r[codes < 0] = -1
-        rows_per_feature.append(r.reshape(codes.shape[0], -1))
-    rows_NxE = np.concatenate(rows_per_feature, axis=1)
+    tables = {}
+    for name in features.codes:
+        vocab = features.vocab[name]
+        rows = [term_rows(f"{name}:{v}", config) for v in vocab] or [np.zeros(config.num_hashes, np.int32)]
+        tables[name] = np.stack(rows)  # (U, K) Bloom rows per vocabulary entry
     max_terms = int(sum((c >= 0).sum(1) for c in features.codes.values()).max(initial=0))
-    if item_order is not None:
-        order = np.asarray(item_order)
-        rows_NxE = np.where(order[:, None] >= 0, rows_NxE[np.maximum(order, 0)], -1)
-    n = rows_NxE.shape[0]
+    order = None if item_order is None else np.asarray(item_order)
+    n = features.num_items if order is None else order.shape[0]
     num_words = -(-n // 32)
     chunk_items = chunk_words * 32
     out = []
-    for start in range(0, n, chunk_items):
-        part = rows_NxE[start : start + chunk_items]
+    for start in range(0, n, chunk_items):  # chunks keep host memory at chunk x terms x K
+        layout = np.arange(start, min(n, start + chunk_items))
+        items = layout if order is None else order[layout]
+        parts = []
+        for name, codes in features.codes.items():
+            c = codes[np.maximum(items, 0)]
+            r = tables[name][np.maximum(c, 0)]  # (chunk, V, K)
+            r[(c < 0) | (items[:, None] < 0)] = -1
+            parts.append(r.reshape(len(items), -1))
+        part = np.concatenate(parts, axis=1)
         v = -(-part.shape[0] // 32)
         part = np.pad(part, ((0, v * 32 - part.shape[0]), (0, 0)), constant_values=-1)
         zeros = jnp.zeros((config.bits_per_item, v), jnp.int32)
