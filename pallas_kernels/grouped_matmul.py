@@ -45,12 +45,15 @@ ACTIVATIONS = ("swiglu", "silu")
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-    """Tile sizes: bm rows per tile (the dispatch padding unit), bn output columns, bk contraction chunk."""
+    """Tile sizes: bm rows per tile (the dispatch padding unit), bn columns of the up / backward-activation
+    kernels (2-3 accumulators), bn_out columns of the combine and weight-gradient kernels (1 accumulator), bk
+    contraction chunk."""
 
-    bm: int = 64
+    bm: int = 128
     bn: int = 64
     bk: int = 64
-    num_warps: int = 4
+    bn_out: int = 128
+    num_warps: int = 8
     num_stages: int = 3
 
 
@@ -186,7 +189,7 @@ def _combine_kernel(
     """y[tok] += weight * sum_i lhs_i[rows] @ W_i[e] for the tiles of one slot; y has a trash row n_tok."""
     lhs_refs, w_refs = refs[:n_lhs], refs[n_lhs : 2 * n_lhs]
     y_ref = refs[-1]  # refs[-2] is the same buffer (aliased input)
-    bm, bn, bk = blocks.bm, blocks.bn, blocks.bk
+    bm, bn, bk = blocks.bm, blocks.bn_out, blocks.bk
     j, n = pl.program_id(0), pl.program_id(1)
     tile = slot_tiles_ref[j]
 
@@ -289,7 +292,7 @@ def _tgmm_kernel(
 ):
     """out_i[e] = lhs[rows of e]^T @ rhs_i[rows of e]; rows are gathered by token where the flag says so."""
     rhs_refs, out_refs = refs[:n_rhs], refs[n_rhs:]
-    bm, bn = blocks.bm, blocks.bn
+    bm, bn = blocks.bm, blocks.bn_out
     e, m, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     first, last = expert_tiles_ref[e, 0], expert_tiles_ref[e, 1]
     cols_m, cols_n = pl.ds(m * bn, bn), pl.ds(n * bn, bn)
@@ -326,7 +329,7 @@ def _params(blocks):
 
 def _check_blocks(d, f, blocks):
     for name, dim in (("D", d), ("F", f)):
-        for b in ("bn", "bk"):
+        for b in ("bn", "bk", "bn_out"):
             if dim % getattr(blocks, b):
                 raise ValueError(f"{name}={dim} must be a multiple of blocks.{b}={getattr(blocks, b)}")
 
@@ -365,7 +368,7 @@ def expert_combine(plan, lhs, ws, n_tok, *, blocks, transpose_w, scale, interpre
         args = (plan.slot_tiles_KxTs[s], plan.tile_expert_T, plan.token_P, plan.weight_P, *lhs, *ws, y)
         y = pl.pallas_call(
             kernel,
-            grid=(ts, d // blocks.bn),
+            grid=(ts, d // blocks.bn_out),
             in_specs=[_whole(a.shape) for a in args],
             out_specs=_whole(y.shape),
             out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
@@ -429,10 +432,10 @@ def expert_tgmm(
         n_rhs=len(rhs_list),
     )
     args = (plan.expert_tiles_Ex2, plan.token_P, plan.weight_P, lhs, *rhs_list)
-    out = pl.BlockSpec((None, blocks.bn, blocks.bn), lambda e, i, j: (e, i, j))
+    out = pl.BlockSpec((None, blocks.bn_out, blocks.bn_out), lambda e, i, j: (e, i, j))
     return pl.pallas_call(
         kernel,
-        grid=(num_experts, m // blocks.bn, n // blocks.bn),
+        grid=(num_experts, m // blocks.bn_out, n // blocks.bn_out),
         in_specs=[_whole(a.shape) for a in args],
         out_specs=[out] * len(rhs_list),
         out_shape=[jax.ShapeDtypeStruct((num_experts, m, n), out_dtype)] * len(rhs_list),

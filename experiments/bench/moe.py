@@ -21,6 +21,7 @@ torch is imported lazily (only the GPU image has it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import time
@@ -32,6 +33,13 @@ import numpy as np
 from pallas_kernels import grouped_matmul as gm
 from recjax.ops import grouped_matmul as gmm_ops
 
+MICRO_TILES = (
+    {},
+    dict(bm=128, bn=128, num_warps=8, num_stages=3),
+    dict(bm=128, bn=128, num_warps=4, num_stages=4),
+    dict(bm=64, bn=128, num_warps=4, num_stages=4),
+    dict(bm=128, bn=256, num_warps=8, num_stages=3),
+)
 PAPER = [(d, e, k) for d in (512, 1024, 2048) for e in (4, 8, 16) for k in (1, 2, 4)] + [(1024, 64, 8)]
 
 
@@ -235,7 +243,7 @@ def bench_layer(configs, n_tok, impls, blocks, dtype, ceiling, iters, has_torch)
         print(f"{d:5d} {e:3d} {k:2d} {flops / 1e9:8.2f} " + " ".join(cells), flush=True)
 
 
-def bench_micro(t, h, f, e, blocks, dtype, ceiling, iters, has_torch):
+def bench_micro(t, h, f, e, blocks, dtype, ceiling, iters, has_torch, micro_tiles=({},)):
     flops = 2 * t * h * f
     bytes_ = (t * h + e * h * f + t * f) * jnp.dtype(dtype).itemsize
     print(
@@ -246,14 +254,18 @@ def bench_micro(t, h, f, e, blocks, dtype, ceiling, iters, has_torch):
     w = (jax.random.normal(jax.random.key(1), (e, h, f), jnp.float32) * h**-0.5).astype(dtype)
     sizes = jnp.full((e,), t // e, jnp.int32)
     ids = (jnp.arange(t) // (t // e)).astype(jnp.int32)[:, None]
-    plan = jax.jit(gm.make_dispatch_plan, static_argnums=(2, 3))(ids, jnp.ones((t, 1)), e, blocks.bm)
     interpret = not gmm_ops.pallas_supported()
-    runs = {
-        "fused gather-GEMM": jax.jit(
-            lambda x, w: gm.expert_up(
-                plan, x, w, None, blocks=blocks, activation="linear", interpret=interpret
-            )
-        ),
+    runs = {}
+    for tiles in micro_tiles:
+        b = dataclasses.replace(blocks, **tiles)
+        plan = jax.jit(gm.make_dispatch_plan, static_argnums=(2, 3))(ids, jnp.ones((t, 1)), e, b.bm)
+        name = f"fused {b.bm}x{b.bn}x{b.bk} w{b.num_warps}s{b.num_stages}"
+
+        def up(x, w, plan=plan, b=b):
+            return gm.expert_up(plan, x, w, None, blocks=b, activation="linear", interpret=interpret)
+
+        runs[name] = jax.jit(up)
+    runs |= {
         "jax.lax.ragged_dot": jax.jit(lambda x, w: jax.lax.ragged_dot(x, w, sizes)),
         "dense batched einsum": jax.jit(lambda x, w: jnp.einsum("egh,ehf->egf", x.reshape(e, t // e, h), w)),
     }
@@ -291,10 +303,11 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="fused kernels vs reference first")
     p.add_argument("--micro", action="store_true", help="grouped GEMM microbenchmark")
     p.add_argument("--tokens", type=int, default=32 * 1024)
-    p.add_argument("--bm", type=int, default=64)
+    p.add_argument("--bm", type=int, default=128)
     p.add_argument("--bn", type=int, default=64)
     p.add_argument("--bk", type=int, default=64)
-    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--bn-out", type=int, default=128)
+    p.add_argument("--warps", type=int, default=8)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--iters", type=int, default=5)
     args = p.parse_args(argv)
@@ -311,11 +324,18 @@ def main(argv=None):
     impl_names = {"fused": "pallas", "ragged": "xla", "gshard": "gshard", "torch": "torch"}
     impls = [impl_names[i] for i in args.impls.split(",")]
     if args.small:
-        blocks = gm.Blocks(bm=16, bn=16, bk=16)
+        blocks = gm.Blocks(bm=16, bn=16, bk=16, bn_out=16)
         dtype, n_tok, configs = jnp.float32, 64, [(32, 4, 1), (32, 4, 2)]
         micro = (256, 64, 32, 4)
     else:
-        blocks = gm.Blocks(args.bm, args.bn, args.bk, args.warps, args.stages)
+        blocks = gm.Blocks(
+            bm=args.bm,
+            bn=args.bn,
+            bk=args.bk,
+            bn_out=args.bn_out,
+            num_warps=args.warps,
+            num_stages=args.stages,
+        )
         dtype, n_tok = jnp.bfloat16, args.tokens
         configs = PAPER if args.suite == "paper" else [(1024, 8, 2), (2048, 8, 2), (1024, 64, 8)]
         configs = [] if args.suite == "none" else configs
@@ -324,12 +344,13 @@ def main(argv=None):
     ok = True
     if args.check or args.small:
         ok = check(
-            blocks if not args.small else gm.Blocks(8, 16, 16), dtype, interpret_ok=dev.platform != "gpu"
+            blocks if not args.small else gm.Blocks(8, 16, 16, 16), dtype, interpret_ok=dev.platform != "gpu"
         )
     ceiling = ceiling_tflops(args.small)
     print(f"ceiling: dense bf16 matmul {ceiling:.1f} TFLOP/s")
     if args.micro or args.small:
-        bench_micro(*micro, blocks, dtype, ceiling, args.iters, has_torch)
+        tiles = ({},) if args.small else MICRO_TILES
+        bench_micro(*micro, blocks, dtype, ceiling, args.iters, has_torch, tiles)
     bench_layer(configs, n_tok, impls, blocks, dtype, ceiling, args.iters, has_torch)
     return 0 if ok else 1
 

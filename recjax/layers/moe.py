@@ -136,7 +136,7 @@ class MoEFeedForward(nnx.Module):
     def forward(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(y, aux) with aux = {aux_loss, load_balance_loss, z_loss, expert_load}."""
         cfg = self.config
-        validation.check_dtype("x", x, "f")
+        gmm_ops.check_float("x", x)
         if x.ndim < 1 or x.shape[-1] != cfg.d_model:
             raise ValueError(f"x: expected shape (..., {cfg.d_model}), got {tuple(x.shape)}")
         if mask is not None:

@@ -45,7 +45,8 @@ def resolve_impl(impl: str) -> str:
 
 
 def default_blocks(d_model: int, ffn_dim: int, num_tokens: int) -> Blocks:
-    """Largest power-of-two tiles (<= 64) dividing D and F; fewer padding rows for tiny inputs."""
+    """Hopper-sized tiles (bm=128, 64-wide up tiles, 128-wide output tiles), shrunk to divide D and F; 16-row
+    tiles for tiny inputs (less padding)."""
 
     def fit(cap: int) -> int:
         b = cap
@@ -53,9 +54,13 @@ def default_blocks(d_model: int, ffn_dim: int, num_tokens: int) -> Blocks:
             b //= 2
         return b
 
-    bn = fit(64)
-    bm = 64 if num_tokens >= 4096 else 16
-    return Blocks(bm=bm, bn=bn, bk=bn)
+    big = num_tokens >= 4096
+    return Blocks(bm=128 if big else 16, bn=fit(64), bk=fit(64), bn_out=fit(128), num_warps=8 if big else 4)
+
+
+def check_float(name: str, x) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):  # numpy's kind is 'V' for bfloat16, so not check_dtype
+        raise TypeError(f"{name}: expected floating dtype, got {x.dtype}")
 
 
 def _xla(x, expert_ids, weights, wg, wu, w2, activation):
@@ -82,7 +87,7 @@ def validate_ffn_inputs(
     if activation not in gm.ACTIVATIONS:
         raise ValueError(f"activation: expected one of {gm.ACTIVATIONS}, got {activation!r}")
     validation.check_shape("x_LxD", x_LxD, (None, None))
-    validation.check_dtype("x_LxD", x_LxD, "f")
+    check_float("x_LxD", x_LxD)
     n_tok, d = x_LxD.shape
     validation.check_shape("w_gate_ExDxF", w_gate_ExDxF, (None, d, None))
     num_experts, _, f = w_gate_ExDxF.shape
@@ -97,7 +102,7 @@ def validate_ffn_inputs(
     if not 1 <= k <= num_experts:
         raise ValueError(f"top_k: expected 1 <= k <= num_experts={num_experts}, got {k}")
     validation.check_shape("weights_LxK", weights_LxK, (n_tok, k))
-    validation.check_dtype("weights_LxK", weights_LxK, "f")
+    check_float("weights_LxK", weights_LxK)
     validation.check_range("expert_ids_LxK", expert_ids_LxK, 0, num_experts)
     validation.check_finite("weights_LxK", weights_LxK)
 

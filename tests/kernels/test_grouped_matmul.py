@@ -8,7 +8,7 @@ import pytest
 from pallas_kernels import grouped_matmul as gm
 
 L, D, F, E = 22, 32, 32, 4
-BLOCKS = gm.Blocks(bm=8, bn=16, bk=16)
+BLOCKS = gm.Blocks(bm=8, bn=16, bk=16, bn_out=16)
 
 
 def _routing(rng, kind, k):
@@ -103,6 +103,6 @@ def test_bad_blocks_and_activation_rejected(rng):
     ids, w = _routing(rng, "random", 1)
     x, wg, wu, w2 = _params(rng, "swiglu")
     with pytest.raises(ValueError, match="multiple of blocks.bn"):
-        gm.moe_ffn(x, ids, w, wg, wu, w2, blocks=gm.Blocks(bm=8, bn=24, bk=16), interpret=True)
+        gm.moe_ffn(x, ids, w, wg, wu, w2, blocks=gm.Blocks(bm=8, bn=24, bk=16, bn_out=16), interpret=True)
     with pytest.raises(ValueError, match="activation"):
         gm.moe_ffn(x, ids, w, wg, wu, w2, activation="gelu", interpret=True)
