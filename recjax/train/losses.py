@@ -66,6 +66,34 @@ def _masked_mean(per_position_BxL: jax.Array, valid_BxL: jax.Array) -> tuple[jax
     return total / jnp.maximum(count, 1), count
 
 
+def sample_negative_ids(
+    rng: jax.Array,
+    targets_BxL: jax.Array,
+    valid_BxL: jax.Array,
+    num_rows: int,
+    num_negatives: int,
+    negatives: str,
+) -> jax.Array:
+    """Negative ids of :func:`sampled_softmax_loss`: (R,) for "uniform"/"in_batch", (B, L, R) per position.
+
+    ``num_rows`` = num_items + 1; uniform ids lie in [1, num_items]. "in_batch" returns 0 (masked by the
+    loss) only when the batch has no valid position at all.
+    """
+    B, L = targets_BxL.shape
+    R = num_negatives
+    if negatives == "uniform_per_position":
+        return jax.random.randint(rng, (B, L, R), 1, num_rows, dtype=jnp.int32)
+    if negatives == "uniform":
+        return jax.random.randint(rng, (R,), 1, num_rows, dtype=jnp.int32)
+    if negatives == "in_batch":
+        valid_T = valid_BxL.reshape(-1)
+        pick_logits_T = jnp.where(valid_T, 0.0, -jnp.inf)
+        pick_logits_T = jnp.where(valid_T.any(), pick_logits_T, 0.0)
+        picks_R = jax.random.categorical(rng, pick_logits_T, shape=(R,))
+        return jnp.where(valid_T[picks_R], targets_BxL.reshape(-1)[picks_R], 0).astype(jnp.int32)
+    raise ValueError(f"negatives: expected one of {NEGATIVE_SAMPLERS}, got {negatives!r}")
+
+
 def sampled_softmax_loss(
     hidden_BxLxD: jax.Array,
     targets_BxL: jax.Array,
@@ -89,8 +117,7 @@ def sampled_softmax_loss(
     validation.check_positive("temperature", temperature)
     if negatives not in NEGATIVE_SAMPLERS:
         raise ValueError(f"negatives: expected one of {NEGATIVE_SAMPLERS}, got {negatives!r}")
-    B, L, D = hidden_BxLxD.shape
-    N, R = item_table_NxD.shape[0], num_negatives
+    N = item_table_NxD.shape[0]
     norm = (lambda x: _normalize(x, l2_norm_eps)) if l2_normalize else (lambda x: x)
     targets_BxL = targets_BxL.astype(jnp.int32)
     valid_BxL = mask_BxL & (targets_BxL > 0)
@@ -99,22 +126,15 @@ def sampled_softmax_loss(
     positive_BxLxD = norm(item_table_NxD[targets_BxL].astype(jnp.float32))
     pos_logit_BxL = jnp.sum(query_BxLxD * positive_BxLxD, axis=-1)
 
+    neg_ids = sample_negative_ids(rng, targets_BxL, valid_BxL, N, num_negatives, negatives)
     if negatives == "uniform_per_position":
-        neg_ids_BxLxR = jax.random.randint(rng, (B, L, R), 1, N, dtype=jnp.int32)
-        neg_BxLxRxD = norm(item_table_NxD[neg_ids_BxLxR].astype(jnp.float32))
+        neg_BxLxRxD = norm(item_table_NxD[neg_ids].astype(jnp.float32))
         neg_logit_BxLxR = jnp.einsum("bld,blrd->blr", query_BxLxD, neg_BxLxRxD)
-        hit_BxLxR = neg_ids_BxLxR == targets_BxL[..., None]
+        hit_BxLxR = neg_ids == targets_BxL[..., None]
     else:
-        if negatives == "uniform":
-            neg_ids_R = jax.random.randint(rng, (R,), 1, N, dtype=jnp.int32)
-        else:  # in_batch: uniform over valid positions (all-invalid batches give id 0, masked below)
-            pick_logits = jnp.where(valid_BxL.reshape(-1), 0.0, -jnp.inf)
-            pick_logits = jnp.where(valid_BxL.any(), pick_logits, 0.0)
-            picks_R = jax.random.categorical(rng, pick_logits, shape=(R,))
-            neg_ids_R = jnp.where(valid_BxL.reshape(-1)[picks_R], targets_BxL.reshape(-1)[picks_R], 0)
-        neg_RxD = norm(item_table_NxD[neg_ids_R].astype(jnp.float32))
+        neg_RxD = norm(item_table_NxD[neg_ids].astype(jnp.float32))
         neg_logit_BxLxR = jnp.einsum("bld,rd->blr", query_BxLxD, neg_RxD)
-        hit_BxLxR = (neg_ids_R[None, None, :] == targets_BxL[..., None]) | (neg_ids_R == 0)[None, None, :]
+        hit_BxLxR = (neg_ids[None, None, :] == targets_BxL[..., None]) | (neg_ids == 0)[None, None, :]
 
     logits_BxLx1pR = jnp.concatenate(
         [pos_logit_BxL[..., None], jnp.where(hit_BxLxR, _MASKED_LOGIT, neg_logit_BxLxR)], axis=-1
