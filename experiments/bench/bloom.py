@@ -85,13 +85,14 @@ def main():
     ap.add_argument("--hashes", type=int, default=5)
     ap.add_argument("--b", type=int, nargs="+", default=[1, 1024])
     ap.add_argument("--groups", type=int, nargs="+", default=[2, 10])
-    ap.add_argument("--block-w", type=int, default=256)
+    ap.add_argument("--block-w", type=int, nargs="+", default=[256])
+    ap.add_argument("--deadline", type=float, default=float("inf"), help="seconds; later parts are skipped")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--fpr-items", type=int, default=1_000_000)
     a = ap.parse_args()
     interpret = jax.default_backend() != "gpu"
     if a.small:
-        a.n, a.b, a.reps, a.fpr_items, a.block_w = 20_000, [1, 8], 3, 20_000, 64
+        a.n, a.b, a.reps, a.fpr_items, a.block_w = 20_000, [1, 8], 3, 20_000, [64, 128]
     if a.check:
         check(interpret)
     print(f"# card: {jax.devices()[0].device_kind}  backend: {jax.default_backend()}")
@@ -112,42 +113,46 @@ def main():
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     w = index.num_words
-    for groups in a.groups:
-        for b in a.b:
-            queries = make_queries(b, groups, a.features, a.vocab)
-            plan = bloom.compile_queries(index, queries)
-            fn = jax.jit(
-                lambda p=plan: bloom_kernel.bloom_filter_words(
-                    index.words_MxW,
-                    p.rows_BxCxTxK,
-                    p.kinds_BxCxT,
-                    num_words=w,
-                    block_w=a.block_w,
-                    interpret=interpret,
-                )
+    start = time.perf_counter()
+
+    def one(groups, b, block_w):
+        queries = make_queries(b, groups, a.features, a.vocab)
+        plan = bloom.compile_queries(index, queries)
+        fn = jax.jit(
+            lambda: bloom_kernel.bloom_filter_words(
+                index.words_MxW,
+                plan.rows_BxCxTxK,
+                plan.kinds_BxCxT,
+                num_words=w,
+                block_w=block_w,
+                interpret=interpret,
             )
-            words = fn()
-            # FPR on the first fpr_items items of up to 8 queries
-            nf = min(a.fpr_items, a.n)
-            got = bloom.unpack_words(np.asarray(words[:8, : -(-nf // 32)]), nf)
-            sub = bloom.ItemFeatures({k: v[:nf] for k, v in feats.codes.items()}, feats.vocab)
-            exact = np.stack([bloom.exact_filter(sub, q) for q in queries[:8]])
-            assert not (exact & ~got).any(), "false negative in an AND/OR query"
-            fpr = (got & ~exact).sum() / max(1, (~exact).sum())
-            t = timed(fn, a.reps)
-            p50 = np.percentile(t, 50)
-            c, tt, k = plan.rows_BxCxTxK.shape[1:]
-            print(
-                f"| pallas | {b} | {groups} | {p50 * 1e3:.3f} | {np.percentile(t, 99) * 1e3:.3f} | "
-                f"{b * a.n / p50 / 1e9:.1f} | {b * w * c * tt * k * 4 / 1e9:.1f} | "
-                f"{index.words_MxW.nbytes / 1e9:.2f} | {fpr:.4f} | {exact.mean():.4f} |",
-                flush=True,
-            )
+        )
+        words = fn()
+        # FPR on the first fpr_items items of up to 8 queries
+        nf = min(a.fpr_items, a.n)
+        got = bloom.unpack_words(np.asarray(words[:8, : -(-nf // 32)]), nf)
+        sub = bloom.ItemFeatures({k: v[:nf] for k, v in feats.codes.items()}, feats.vocab)
+        exact = np.stack([bloom.exact_filter(sub, q) for q in queries[:8]])
+        assert not (exact & ~got).any(), "false negative in an AND/OR query"
+        fpr = (got & ~exact).sum() / max(1, (~exact).sum())
+        t = timed(fn, a.reps)
+        p50 = np.percentile(t, 50)
+        c, tt, k = plan.rows_BxCxTxK.shape[1:]
+        print(
+            f"| pallas block_w={block_w} | {b} | {groups} | {p50 * 1e3:.3f} | "
+            f"{np.percentile(t, 99) * 1e3:.3f} | "
+            f"{b * a.n / p50 / 1e9:.1f} | {b * w * c * tt * k * 4 / 1e9:.1f} | "
+            f"{index.words_MxW.nbytes / 1e9:.2f} | {fpr:.4f} | {exact.mean():.4f} |",
+            flush=True,
+        )
+
+    def xla(groups):
         bx = min(16, max(a.b))
         small = bloom.compile_queries(index, make_queries(bx, groups, a.features, a.vocab))
         ref = jax.jit(
-            lambda p=small: bloom_kernel.bloom_filter_words_reference(
-                index.words_MxW, p.rows_BxCxTxK, p.kinds_BxCxT, num_words=w
+            lambda: bloom_kernel.bloom_filter_words_reference(
+                index.words_MxW, small.rows_BxCxTxK, small.kinds_BxCxT, num_words=w
             )
         )
         t = timed(ref, max(2, a.reps // 3))
@@ -157,6 +162,19 @@ def main():
             f"{bx * a.n / p50 / 1e9:.1f} | - | - | - | - |",
             flush=True,
         )
+
+    for groups in a.groups:
+        parts = [
+            (f"groups={groups} b={b} block_w={bw}", one, (groups, b, bw)) for b in a.b for bw in a.block_w
+        ]
+        for label, fn, args in [*parts, (f"xla groups={groups}", xla, (groups,))]:
+            if time.perf_counter() - start > a.deadline:
+                print(f"# skipped (deadline): {label}", flush=True)
+                continue
+            try:
+                fn(*args)
+            except Exception as e:  # noqa: BLE001 - report and continue
+                print(f"# FAILED {label}: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -117,12 +117,12 @@ class BloomIndex:
 
 
 @jax.jit
-def _pack_chunk(rows_CxE, valid_CxE, words_MxV):
+def _pack_chunk(rows_CxE, words_MxV):
     c = rows_CxE.shape[0]
     m, v = words_MxV.shape
     bits = jnp.zeros((m, v * 32), jnp.uint32)
     items = jnp.broadcast_to(jnp.arange(c)[:, None], rows_CxE.shape)
-    bits = bits.at[jnp.where(valid_CxE, rows_CxE, m), items].set(1, mode="drop")
+    bits = bits.at[jnp.where(rows_CxE >= 0, rows_CxE, m), items].set(1, mode="drop")
     packed = jnp.sum(bits.reshape(m, v, 32) << jnp.arange(32, dtype=jnp.uint32), axis=2, dtype=jnp.uint32)
     return words_MxV | jax.lax.bitcast_convert_type(packed, jnp.int32)
 
@@ -152,19 +152,19 @@ def build_bloom_index(
     chunk_items = chunk_words * 32
     out = []
     for start in range(0, n, chunk_items):  # chunks keep host memory at chunk x terms x K
-        layout = np.arange(start, min(n, start + chunk_items))
-        items = layout if order is None else order[layout]
+        stop = min(n, start + chunk_items)
+        items = None if order is None else order[start:stop]
         parts = []
         for name, codes in features.codes.items():
-            c = codes[np.maximum(items, 0)]
+            c = codes[start:stop] if items is None else codes[np.maximum(items, 0)]
             r = tables[name][np.maximum(c, 0)]  # (chunk, V, K)
-            r[(c < 0) | (items[:, None] < 0)] = -1
-            parts.append(r.reshape(len(items), -1))
+            bad = c < 0 if items is None else (c < 0) | (items[:, None] < 0)
+            r[bad] = -1
+            parts.append(r.reshape(stop - start, -1))
         part = np.concatenate(parts, axis=1)
         v = -(-part.shape[0] // 32)
         part = np.pad(part, ((0, v * 32 - part.shape[0]), (0, 0)), constant_values=-1)
-        zeros = jnp.zeros((config.bits_per_item, v), jnp.int32)
-        out.append(_pack_chunk(jnp.asarray(part), jnp.asarray(part >= 0), zeros))
+        out.append(_pack_chunk(jnp.asarray(part), jnp.zeros((config.bits_per_item, v), jnp.int32)))
     words = jnp.concatenate(out, axis=1) if out else jnp.zeros((config.bits_per_item, 0), jnp.int32)
     words = jnp.pad(words, ((0, 0), (0, pad_words + num_words - words.shape[1])))
     return BloomIndex(words, config, n, tuple(features.codes), max_terms)
