@@ -84,7 +84,9 @@ def make_dispatch_plan(
     g_count = num_experts * k
     p_rows, ts = plan_sizes(n_tok, num_experts, k, bm)
     n_tiles = p_rows // bm
-    group_A = (expert_ids_LxK.astype(jnp.int32) * k + jnp.arange(k, dtype=jnp.int32)).reshape(-1)
+    ids_A = expert_ids_LxK.astype(jnp.int32).reshape(-1)
+    kept_A = ids_A < num_experts  # id == E marks a dropped assignment: sorted last, in no group
+    group_A = jnp.where(kept_A, ids_A * k + jnp.arange(n_tok * k, dtype=jnp.int32) % k, g_count)
     order_A = jnp.argsort(group_A, stable=True).astype(jnp.int32)
     sorted_group_A = group_A[order_A]
     g = jnp.arange(g_count, dtype=jnp.int32)
@@ -123,7 +125,9 @@ def make_dispatch_plan(
     ).astype(jnp.int32)
 
     rank_A = jnp.argsort(order_A).astype(jnp.int32)  # inverse permutation: sorted position of each assignment
-    pos_A = padded_start_G[group_A] + rank_A - start_G[group_A]
+    gk_A = jnp.minimum(group_A, g_count - 1)
+    # a dropped assignment points at row P-1, a padding row whenever anything was dropped (weight 0, h 0)
+    pos_A = jnp.where(kept_A, padded_start_G[gk_A] + rank_A - start_G[gk_A], p_rows - 1)
     load_E = size_G.reshape(num_experts, k).sum(axis=1)
     return DispatchPlan(
         token_P,
@@ -494,7 +498,7 @@ def _moe_ffn_bwd(blocks, activation, interpret, res, dy):
     )
     w_in = [wg] if activation == "silu" else [wg, wu]
     dx = expert_combine(plan, list(acts), w_in, n_tok, transpose_w=True, scale=False, **common)
-    dweights = jnp.sum(dw_PxNf, axis=1)[plan.pos_LxK]
+    dweights = jnp.where(expert_ids < num_experts, jnp.sum(dw_PxNf, axis=1)[plan.pos_LxK], 0.0)
     dwu = None if activation == "silu" else dws_in[1].astype(wu.dtype)
     return dx.astype(x.dtype), None, dweights, dws_in[0], dwu, dw2
 
@@ -515,6 +519,8 @@ def moe_ffn(
     interpret: bool = False,
 ) -> jax.Array:
     """y[t] = sum_s weights[t, s] * FFN_{expert_ids[t, s]}(x[t]) with index dispatch and fused kernels.
+
+    ``expert_ids == E`` marks a dropped assignment (padding token, over capacity): no compute, no output.
 
     FFN_e(x) = (SiLU(x Wg_e) * (x Wu_e)) Wd_e for "swiglu", SiLU(x Wg_e) Wd_e for "silu" (``w_up`` unused,
     may be None). Differentiable in x, weights and the three expert weight tensors.
@@ -546,8 +552,10 @@ def moe_ffn_reference(
     if activation == "swiglu":
         h = h * jnp.einsum("ld,edf->elf", x, w_up_ExDxF.astype(jnp.float32), precision=hi)
     y_ExLxD = jnp.einsum("elf,efd->eld", h, w_down_ExFxD.astype(jnp.float32), precision=hi)
-    picked_LxKxD = y_ExLxD[expert_ids_LxK, jnp.arange(x.shape[0])[:, None]]
-    return jnp.einsum("lk,lkd->ld", weights_LxK.astype(jnp.float32), picked_LxKxD, precision=hi)
+    num_experts = w_gate_ExDxF.shape[0]
+    picked_LxKxD = y_ExLxD[jnp.minimum(expert_ids_LxK, num_experts - 1), jnp.arange(x.shape[0])[:, None]]
+    weights = jnp.where(expert_ids_LxK < num_experts, weights_LxK.astype(jnp.float32), 0.0)
+    return jnp.einsum("lk,lkd->ld", weights, picked_LxKxD, precision=hi)
 
 
 def grouped_matmul_reference(lhs_MxK: jax.Array, rhs_GxKxN: jax.Array, group_sizes_G: jax.Array) -> jax.Array:

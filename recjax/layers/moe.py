@@ -10,8 +10,9 @@ Router: logits = x W_r in float32, softmax over E, top-k; the k weights are reno
 (``renormalize=True``, Mixtral style) or kept as the softmax probabilities (Switch/GShard style).
 Load-balancing loss (Switch Transformer, generalised to top-k): E * sum_e f_e P_e with f_e the fraction of the
 L*k assignments sent to expert e and P_e the mean router probability of e (1.0 when perfectly balanced).
-Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2. Masked (padding) tokens are still computed
-(static shapes) but excluded from both losses and the load, and their outputs are zero.
+Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2. Masked (padding) tokens are routed
+(static shapes) but excluded from both losses and the load, their assignments are dropped (expert id E: the
+fused path skips their expert compute) and their outputs are zero.
 
 Experts run through ``recjax.ops.grouped_matmul.moe_expert_ffn``: on a GPU the MoEBlaze index-dispatch
 kernels (no permuted activation copy, fused SwiGLU and combine, recomputing backward), elsewhere XLA.
@@ -63,7 +64,7 @@ class MoEConfig:
 
 
 class Routing(NamedTuple):
-    expert_ids_LxK: jax.Array  # int32, distinct per row
+    expert_ids_LxK: jax.Array  # int32, distinct per row; E on masked tokens (dropped)
     weights_LxK: jax.Array  # float32 combine weights (0 on masked tokens)
     load_balance_loss: jax.Array
     z_loss: jax.Array
@@ -101,6 +102,8 @@ def route(
     mean_prob_E = jnp.sum(probs_LxE * valid_L[:, None], axis=0) / n_valid
     balance = num_experts * jnp.sum(frac_E * mean_prob_E)
     z = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * valid_L) / n_valid
+    if mask_L is not None:  # id E = dropped: masked tokens cost no expert compute
+        expert_ids = jnp.where(mask_L[:, None], expert_ids, num_experts)
     return Routing(expert_ids.astype(jnp.int32), weights, balance, z, load_E)
 
 

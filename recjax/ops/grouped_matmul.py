@@ -1,7 +1,9 @@
 """Routed expert FFN and grouped matmul: the ops the MoE layer goes through.
 
 ``moe_expert_ffn(x_LxD, expert_ids_LxK, weights_LxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, impl=...)``
-returns y_LxD = sum_k weights[l, k] * FFN_{expert_ids[l, k]}(x[l]). Implementations:
+returns y_LxD = sum_k weights[l, k] * FFN_{expert_ids[l, k]}(x[l]); an id equal to E marks a dropped
+assignment (padding token, over capacity) that contributes nothing (the Pallas path skips its compute).
+Implementations:
 - ``"pallas"``: MoEBlaze index dispatch with fused kernels (``pallas_kernels.grouped_matmul``): no permuted
   copy of x, SwiGLU fused into the first grouped GEMM, weighted combine fused into the second, backward
   recomputes the activation. Off a GPU it runs in Pallas interpret mode (slow; for tests).
@@ -66,6 +68,10 @@ def check_float(name: str, x) -> None:
 def _xla(x, expert_ids, weights, wg, wu, w2, activation):
     n_tok, k = expert_ids.shape
     num_experts = wg.shape[0]
+    weights = jnp.where(
+        expert_ids < num_experts, weights, 0.0
+    )  # dropped: computed by the last expert, weight 0
+    expert_ids = jnp.minimum(expert_ids, num_experts - 1)
     flat = expert_ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.searchsorted(flat[order], jnp.arange(num_experts + 1), side="left")
@@ -103,7 +109,7 @@ def validate_ffn_inputs(
         raise ValueError(f"top_k: expected 1 <= k <= num_experts={num_experts}, got {k}")
     validation.check_shape("weights_LxK", weights_LxK, (n_tok, k))
     check_float("weights_LxK", weights_LxK)
-    validation.check_range("expert_ids_LxK", expert_ids_LxK, 0, num_experts)
+    validation.check_range("expert_ids_LxK", expert_ids_LxK, 0, num_experts, allow=(num_experts,))
     validation.check_finite("weights_LxK", weights_LxK)
 
 
@@ -125,7 +131,7 @@ def moe_expert_ffn(
     )
     name = resolve_impl(impl)
     args = (x_LxD, expert_ids_LxK.astype(jnp.int32), weights_LxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
-    if name == "reference":
+    if name == "reference":  # handles dropped ids itself
         return gm.moe_ffn_reference(*args, activation=activation).astype(x_LxD.dtype)
     if name == "xla":
         return _xla(*args, activation)

@@ -15,6 +15,11 @@ def _routing(rng, kind, k):
     if kind == "ragged_empty":  # expert 2 gets nothing, expert 0 most of the tokens
         head = [np.concatenate([[0], rng.permutation([1, 3])[: k - 1]]) for _ in range(L // 2)]
         ids = np.stack(head + [rng.permutation([0, 1, 3])[:k] for _ in range(L - L // 2)])
+    elif kind == "dropped":  # id E = dropped assignment (padding token / over capacity)
+        ids = np.stack([rng.permutation(E)[:k] for _ in range(L)])
+        ids[rng.random((L, k)) < 0.3] = E
+        ids[:3] = E
+        return jnp.asarray(ids, jnp.int32), jnp.asarray(rng.random((L, k)) + 0.1, jnp.float32)
     elif kind == "all_to_one":
         ids = np.tile(np.array([3, 1, 0, 2][:k]), (L, 1))
     else:
@@ -31,38 +36,45 @@ def _params(rng, activation):
     return x, wg, wu, w2
 
 
-@pytest.mark.parametrize("kind", ["random", "ragged_empty", "all_to_one"])
+@pytest.mark.parametrize("kind", ["random", "ragged_empty", "all_to_one", "dropped"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_dispatch_plan_invariants(rng, kind, k):
     ids, w = _routing(rng, kind, k)
     plan = jax.tree.map(np.asarray, gm.make_dispatch_plan(ids, w, E, BLOCKS.bm))
     ids, w = np.asarray(ids), np.asarray(w)
-    # inverse map: assignment (t, s) sits at a row that reads token t with weight w[t, s]
-    rows = plan.pos_LxK
-    assert len(np.unique(rows)) == L * k
-    np.testing.assert_array_equal(plan.token_P[rows], np.broadcast_to(np.arange(L)[:, None], (L, k)))
-    np.testing.assert_array_equal(plan.weight_P[rows], w)
-    # every other row is padding, reading the sentinel token with weight 0
-    pad = np.setdiff1d(np.arange(plan.token_P.shape[0]), rows.ravel())
+    kept = ids < E
+    tok_LxK = np.broadcast_to(np.arange(L)[:, None], (L, k))
+    # inverse map: kept assignment (t, s) sits at its own row, reading token t with weight w[t, s]
+    rows = plan.pos_LxK[kept]
+    assert len(np.unique(rows)) == kept.sum()
+    np.testing.assert_array_equal(plan.token_P[rows], tok_LxK[kept])
+    np.testing.assert_array_equal(plan.weight_P[rows], w[kept])
+    # dropped assignments point at a padding row; every other row is padding (sentinel token, weight 0)
+    assert (plan.token_P[plan.pos_LxK[~kept]] == L).all()
+    pad = np.setdiff1d(np.arange(plan.token_P.shape[0]), rows)
     assert (plan.token_P[pad] == L).all() and (plan.weight_P[pad] == 0).all()
     # each tile is one expert; its rows are exactly that expert's assignments
-    tile_of_row = rows // BLOCKS.bm
-    np.testing.assert_array_equal(plan.tile_expert_T[tile_of_row], ids)
-    np.testing.assert_array_equal(plan.load_E, np.bincount(ids.ravel(), minlength=E))
+    np.testing.assert_array_equal(plan.tile_expert_T[rows // BLOCKS.bm], ids[kept])
+    np.testing.assert_array_equal(plan.load_E, np.bincount(ids[kept], minlength=E))
     for e in range(E):
         first, last = plan.expert_tiles_Ex2[e]
         assert set(np.flatnonzero(plan.tile_expert_T == e)) == set(range(first, last))
-    # combine map: slot s's tiles hold each token exactly once
+    # combine map: slot s's tiles hold each token with a kept slot-s assignment exactly once
     for s in range(k):
         tiles = plan.slot_tiles_KxTs[s][plan.slot_tiles_KxTs[s] >= 0]
-        np.testing.assert_array_equal(np.sort(tiles), np.unique(tile_of_row[:, s]))
+        np.testing.assert_array_equal(np.sort(tiles), np.unique(plan.pos_LxK[kept[:, s], s] // BLOCKS.bm))
         toks = plan.token_P[(tiles[:, None] * BLOCKS.bm + np.arange(BLOCKS.bm)).ravel()]
-        np.testing.assert_array_equal(np.sort(toks[toks < L]), np.arange(L))
+        np.testing.assert_array_equal(np.sort(toks[toks < L]), np.flatnonzero(kept[:, s]))
 
 
 @pytest.mark.parametrize(
     "activation,kind,k",
-    [("swiglu", "ragged_empty", 2), ("silu", "all_to_one", 1), ("swiglu", "all_to_one", 3)],
+    [
+        ("swiglu", "ragged_empty", 2),
+        ("silu", "all_to_one", 1),
+        ("swiglu", "all_to_one", 3),
+        ("swiglu", "dropped", 2),
+    ],
 )
 def test_moe_ffn_matches_reference_with_gradients(rng, activation, kind, k):
     ids, w = _routing(rng, kind, k)

@@ -139,7 +139,7 @@ def test_bad_inputs_rejected(rng):
     with pytest.raises(ValueError, match="top_k"):
         gmm_ops.moe_expert_ffn(xx, jnp.zeros((5, 6), jnp.int32), jnp.ones((5, 6)), wg, wg, w2, impl="xla")
     with pytest.raises(ValueError, match="expert_ids_LxK: expected values in"):
-        gmm_ops.moe_expert_ffn(xx, ids + 4, w, wg, wg, w2, impl="xla")
+        gmm_ops.moe_expert_ffn(xx, ids + 5, w, wg, wg, w2, impl="xla")
     with pytest.raises(ValueError, match="w_down_ExFxD: expected shape"):
         gmm_ops.moe_expert_ffn(xx, ids, w, wg, wg, w2[:, :8], impl="xla")
     with pytest.raises(ValueError, match="w_up_ExDxF: required"):
