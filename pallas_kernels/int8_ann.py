@@ -193,7 +193,7 @@ def int8_ann_topk(
     block_n: int = 128,
     tiles_per_chunk: int = 8,
     per_bin: int = 2,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Brute-force fused int8 search. Returns (scores_BxK float32, ids_BxK int32), best first.
@@ -242,15 +242,18 @@ def int8_ann_topk(
             jax.ShapeDtypeStruct((bp, width), jnp.float32),
             jax.ShapeDtypeStruct((bp, width), jnp.int32),
         ],
-        compiler_params=_compiler_params(num_warps),
+        compiler_params=_compiler_params(num_warps, block_q, block_n, per_bin),
         interpret=interpret,
         name="int8_ann_brute",
     )(*args)
     return _merge(cand_v[:b], cand_i[:b], q_scales_B.astype(jnp.float32), k)
 
 
-def _compiler_params(num_warps: int):
+def _compiler_params(num_warps: int | None, block_q: int, block_n: int, per_bin: int):
     from jax.experimental.pallas import triton as pltriton
+
+    if num_warps is None:  # the per-bin lists live in registers: 2 * per_bin * Q * T values per program
+        num_warps = 8 if block_q * block_n * per_bin >= 16384 else 4
 
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=2)
 
@@ -340,7 +343,7 @@ def int8_ivf_topk(
     block_q: int = 64,
     block_n: int = 128,
     per_bin: int = 2,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """IVF search over clusters ``probes_BxP``. Items are sorted by cluster, each cluster padded to whole
@@ -405,7 +408,7 @@ def int8_ivf_topk(
             jax.ShapeDtypeStruct((rows, width), jnp.float32),
             jax.ShapeDtypeStruct((rows, width), jnp.int32),
         ],
-        compiler_params=_compiler_params(num_warps),
+        compiler_params=_compiler_params(num_warps, block_q, block_n, per_bin),
         interpret=interpret,
         name="int8_ann_ivf",
     )(*args)

@@ -108,7 +108,7 @@ def recall(ids_RxK, true_RxK) -> float:
 
 def pallas_fn(items8, k, mask, b, n, cfg=None):
     """``cfg`` = (block_q, block_n, num_warps) or None for the library's choice."""
-    block_q, block_n, warps = cfg or (int8_ann.choose_block_q(b), 128 if n >= 128 * 64 else 32, 4)
+    block_q, block_n, warps = cfg or (int8_ann.choose_block_q(b), 128 if n >= 128 * 64 else 32, None)
     block_q = min(block_q, max(16, 1 << (b - 1).bit_length()))
     tiles = int8_ann.choose_tiles_per_chunk(n, b, k, block_n, block_q)
 
