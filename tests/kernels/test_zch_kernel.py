@@ -1,4 +1,4 @@
-"""MPZCH kernels: invariants of insert-or-find / lookup on the Pallas kernel (interpret mode) and the reference.
+"""MPZCH kernels: invariants of insert-or-find / lookup on the Pallas kernel (interpret) and the reference.
 
 The two give the same result up to which free slot a new ID claims (the kernel's claim order depends on
 scheduling), so both are checked against the invariants and against each other where the answer is unique
@@ -13,8 +13,9 @@ from pallas_kernels import zch
 
 S, NUM_BUCKETS, MAX_PROBE, BLOCK = 256, 4, 16, 32
 IMPLS = {
-    "pallas": lambda t, i, nb, mp: zch.zch_insert_or_find(t, i, num_buckets=nb, max_probe=mp, block=BLOCK,
-                                                        interpret=True),
+    "pallas": lambda t, i, nb, mp: zch.zch_insert_or_find(
+        t, i, num_buckets=nb, max_probe=mp, block=BLOCK, interpret=True
+    ),
     "reference": lambda t, i, nb, mp: zch.zch_reference(t, i, num_buckets=nb, max_probe=mp),
 }
 
@@ -44,7 +45,9 @@ def check_invariants(before, after, ids, slot, status, num_buckets, max_probe):
     ok = slot >= 0
     assert np.array_equal(ok, status != zch.STATUS_FULL)
     assert (after[slot[ok]] == ids[ok]).all(), "slot does not hold its ID"
-    assert np.array([s in w for s, w in zip(slot[ok], win[ok])]).all(), "slot outside the probe window"
+    assert np.array([s in w for s, w in zip(slot[ok], win[ok], strict=False)]).all(), (
+        "slot outside the probe window"
+    )
     for u in np.unique(ids):  # same ID -> one slot
         assert len(np.unique(slot[ids == u])) == 1
     live = np.unique(slot[ok])
@@ -63,17 +66,22 @@ def check_invariants(before, after, ids, slot, status, num_buckets, max_probe):
 
 
 def run(impl, table, ids, nb=NUM_BUCKETS, mp=MAX_PROBE):
-    new, slot, status = IMPLS[impl](jnp.asarray(zch.split_ids(table)), jnp.asarray(zch.split_ids(ids)), nb, mp)
+    new, slot, status = IMPLS[impl](
+        jnp.asarray(zch.split_ids(table)), jnp.asarray(zch.split_ids(ids)), nb, mp
+    )
     return zch.join_ids(np.asarray(new)).copy(), np.asarray(slot), np.asarray(status)
 
 
 def test_split_join_and_hash_match_numpy(rng):
-    ids = np.concatenate([[0, 1, 2**31, 2**40 + 3, 2**63 - 1], rng.integers(0, 2**63 - 1, 50)]).astype(np.int64)
+    ids = np.concatenate([[0, 1, 2**31, 2**40 + 3, 2**63 - 1], rng.integers(0, 2**63 - 1, 50)]).astype(
+        np.int64
+    )
     pairs = zch.split_ids(ids)
     assert pairs.dtype == np.uint32 and pairs.shape == (55, 2)
     assert np.array_equal(zch.join_ids(pairs), ids)
-    slots = np.asarray(zch.zch_lookup_reference(zch.empty_identity(S), jnp.asarray(pairs), num_buckets=4,
-                                                max_probe=1))
+    slots = np.asarray(
+        zch.zch_lookup_reference(zch.empty_identity(S), jnp.asarray(pairs), num_buckets=4, max_probe=1)
+    )
     assert (slots == -1).all()
     # the in-JAX window (via a one-probe insert into an empty table) equals the numpy splitmix64 window
     _, slot, _ = run("reference", np.full(S, -1, np.int64), ids[:5], 4, 1)
@@ -89,7 +97,7 @@ def test_insert_or_find_invariants_across_batches(impl, rng):
         ids = np.concatenate([ids, list(first_slot)[:5]]).astype(np.int64)  # IDs from the previous batch
         new, slot, status = run(impl, table, ids)
         assert check_invariants(table, new, ids, slot, status, NUM_BUCKETS, MAX_PROBE) == 0
-        for i, s in zip(ids, slot):
+        for i, s in zip(ids, slot, strict=False):
             assert first_slot.setdefault(int(i), int(s)) == s, "same ID moved across batches"
         table = new
 
@@ -108,8 +116,9 @@ def test_kernel_matches_reference_on_hits_lookups_and_counts(rng):
     for t in (tp, tr):  # lookup kernel == lookup reference on the filled table, absent IDs -> -1
         q = np.concatenate([ids, rng.integers(2**62, 2**63 - 1, 7)]).astype(np.int64)
         args = (jnp.asarray(zch.split_ids(t)), jnp.asarray(zch.split_ids(q)))
-        lk = np.asarray(zch.zch_lookup(*args, num_buckets=NUM_BUCKETS, max_probe=MAX_PROBE, block=BLOCK,
-                                       interpret=True))
+        lk = np.asarray(
+            zch.zch_lookup(*args, num_buckets=NUM_BUCKETS, max_probe=MAX_PROBE, block=BLOCK, interpret=True)
+        )
         lr = np.asarray(zch.zch_lookup_reference(*args, num_buckets=NUM_BUCKETS, max_probe=MAX_PROBE))
         assert np.array_equal(lk, lr)
         assert (lk[-7:] == -1).all() and (t[lk[: len(ids)]] == ids).all()
