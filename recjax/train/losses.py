@@ -35,8 +35,10 @@ _MASKED_LOGIT = -1e9
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-    return x / jnp.maximum(norm, eps)
+    # x / max(||x||, eps) written without sqrt at 0: padded positions hold zero vectors, and
+    # jnp.linalg.norm's gradient there is NaN (which a later mask does not remove: NaN * 0 = NaN).
+    sq_norm = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq_norm, eps * eps))
 
 
 _normalize = l2_normalize  # the loss's keyword argument of the same name shadows the function
