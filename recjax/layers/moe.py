@@ -25,6 +25,7 @@ Letters: L tokens, D model dim, F expert hidden dim, E experts, K top-k.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -175,12 +176,14 @@ class MoEFeedForward(nnx.Module):
         try:
             self.aux_loss[...] = aux["aux_loss"]
             self.expert_load[...] = aux["expert_load"]
-        except errors.TraceContextError as err:
-            raise RuntimeError(
-                "MoEFeedForward stores its aux loss in a variable, which cannot be updated here: inside a "
-                "jax transform, build the model with nnx.merge(graphdef, params, rest, copy=True), or call "
-                "ffn.forward(x, mask) to get (y, aux) explicitly"
-            ) from err
+        except errors.TraceContextError:
+            # e.g. a trainer that merges the model without copy=True inside its jax.grad: the forward still
+            # works, but the router loss of this call is not recorded (and collect_aux_loss misses it)
+            warnings.warn(
+                "MoEFeedForward: aux loss not stored (variable of another trace level); merge the model with"
+                " nnx.merge(graphdef, params, rest, copy=True) inside the traced loss, or call ffn.forward()",
+                stacklevel=2,
+            )
         return y
 
 
