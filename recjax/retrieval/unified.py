@@ -259,6 +259,6 @@ def make_scorer_train_step(graphdef, optimizer: optax.GradientTransformation, **
         (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return step
