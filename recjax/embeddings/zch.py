@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from recjax.embeddings import zch_eviction as ev
 from recjax.embeddings.zch_eviction import EvictionPolicy, reset_rows  # noqa: F401  (public API)
@@ -303,6 +303,9 @@ class ZchEmbeddingCollection:
 
         rep, sh = PartitionSpec(), PartitionSpec(axis)
         st_spec = jax.tree.map(lambda _: sh, st)
+        # Row-wise placement of the state (a no-op when the caller already keeps it there).
+        st = jax.tree.map(lambda x: jax.reshard(x, NamedSharding(mesh, sh)), st)
+        ids, ttl, step, salt = (jax.reshard(x, NamedSharding(mesh, rep)) for x in (ids, ttl, step, salt))
         return jax.shard_map(
             shard,
             mesh=mesh,
