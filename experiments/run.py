@@ -60,7 +60,7 @@ def batch_iterator(pipeline: str):
     if pipeline == "grain":
         from recjax.data import pipeline as grain_pipeline
 
-        return grain_pipeline.batches
+        return grain_pipeline.grain_iterator
     raise ValueError(f"data.pipeline: expected 'grain' or 'numpy', got {pipeline!r}")
 
 
@@ -109,7 +109,7 @@ def format_table(results: dict[str, Any]) -> str:
 def main(argv):
     del argv
     config = _CONFIG.value
-    name = pathlib.Path(flags.FLAGS["config"].value.split(":")[0]).stem
+    name = pathlib.Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
     workdir = _WORKDIR.value or f"runs/{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     print(f"workdir: {workdir}\ncommand: {' '.join(sys.argv)}")
     print(format_table(run_experiment(config, workdir)))

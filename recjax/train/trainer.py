@@ -97,12 +97,13 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg:
 
     @jax.jit
     def train_step(params, rest, opt_state, batch, rng):
-        def loss_of(p):
-            model = nnx.merge(graphdef, p, rest)
-            loss, metrics = _loss(loss_cfg, model, batch, rng)
-            return loss, (metrics, nnx.split(model, nnx.Param, ...)[2])
-
-        (loss, (metrics, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        # Merge in the jit trace and differentiate with nnx.value_and_grad w.r.t. Params only: non-Param
+        # state (dropout RNG counters) is then mutated in the trace it lives in (merging inside jax.grad
+        # raises TraceContextError in flax 0.12).
+        model = nnx.merge(graphdef, params, rest)
+        (loss, metrics), grads = nnx.value_and_grad(
+            lambda m: _loss(loss_cfg, m, batch, rng), argnums=nnx.DiffState(0, nnx.Param), has_aux=True)(model)
+        _, _, new_rest = nnx.split(model, nnx.Param, ...)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
@@ -122,18 +123,21 @@ def make_query_fn(graphdef_eval, params, rest) -> Callable[[Mapping[str, np.ndar
 
 def item_table(graphdef_eval, params, rest) -> jax.Array:
     model = nnx.merge(graphdef_eval, params, rest)
-    return model.normalize(model.item_embeddings())
+    return model.candidate_embeddings()
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 # Typed PRNG keys are stored as raw key data so any checkpoint backend can hold them.
 def _to_storable(tree):
-    return jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-                        else x, tree)
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
 
 
 def _from_storable(stored, like):
-    return jax.tree.map(lambda s, x: jax.random.wrap_key_data(s, impl=jax.random.key_impl(x))
-                        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else s, stored, like)
+    return jax.tree.map(lambda s, x: jax.random.wrap_key_data(s, impl=jax.random.key_impl(x)) if _is_key(x) else s,
+                        stored, like)
 
 
 class Trainer:
