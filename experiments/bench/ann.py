@@ -108,7 +108,7 @@ def recall(ids_RxK, true_RxK) -> float:
 
 def pallas_fn(items8, k, mask, b, n, cfg=None):
     """``cfg`` = (block_q, block_n, num_warps) or None for the library's choice."""
-    block_q, block_n, warps = cfg or (int8_ann.choose_block_q(b), 128 if n >= 128 * 64 else 32, None)
+    block_q, block_n, warps = cfg or (int8_ann.choose_block_q(b), 64 if n >= 64 * 64 else 32, None)
     block_q = min(block_q, max(16, 1 << (b - 1).bit_length()))
     tiles = int8_ann.choose_tiles_per_chunk(n, b, k, block_n, block_q)
 
@@ -259,7 +259,7 @@ def bench_ivf(n, d, b, k, nprobes, num_clusters, reps, recall_queries):
     items, queries = make_data(n, d, b)
     t0 = time.perf_counter()
     cents = ivf.kmeans(items, ivf.KMeansConfig(num_clusters=num_clusters, iterations=10))
-    index = ivf.build_ivf_index(items, cents, block_n=128 if n >= 128 * num_clusters else 32)
+    index = ivf.build_ivf_index(items, cents, block_n=64 if n >= 64 * num_clusters else 32)
     jax.block_until_ready(index.items.values_NxD)
     sizes = np.asarray(index.num_tiles_L) * index.block_n
     print(

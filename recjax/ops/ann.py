@@ -99,7 +99,7 @@ def int8_search(
         return _dense_topk(scores, allowed, q.scales_N, k)
     b = queries_BxD.shape[0]
     block_q = int8_ann.choose_block_q(b)
-    block_n = 128 if n >= 128 * 64 else 32
+    block_n = 64 if n >= 64 * 64 else 32  # T=64 measured fastest on H200 (benchmarks/RESULTS.md)
     per_bin = 2
     tiles = per_bin if exact else int8_ann.choose_tiles_per_chunk(n, b, k, block_n, block_q, min_bins_per_k)
     return int8_ann.int8_ann_topk(

@@ -122,7 +122,7 @@ class IVFIndex:
         return self.centroids_LxD.shape[0]
 
 
-def build_ivf_index(items_NxD: jax.Array, centroids_LxD: jax.Array, *, block_n: int = 128) -> IVFIndex:
+def build_ivf_index(items_NxD: jax.Array, centroids_LxD: jax.Array, *, block_n: int = 64) -> IVFIndex:
     """Quantizes the items (per-item scales), assigns them to the nearest centroid and lays them out sorted
     by cluster, each cluster padded to a multiple of ``block_n`` rows."""
     validation.check_shape("centroids_LxD", centroids_LxD, (None, np.shape(items_NxD)[1]))
