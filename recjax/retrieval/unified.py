@@ -145,8 +145,34 @@ def serve(
     )
 
 
+def tower_index(
+    tower: nnx.Module,
+    *,
+    side_NxS=None,
+    fresh_capacity: int = 0,
+    id_capacity: int | None = None,
+    quantize: bool = False,
+) -> fresh_lib.FreshIndex:
+    """Main index over a tower's scoring table (row = item id, row 0 = padding): ``candidate_embeddings()``
+    if the tower has it, else ``normalize(item_embeddings())`` / ``item_embeddings()``."""
+    if hasattr(tower, "candidate_embeddings"):
+        table = tower.candidate_embeddings()
+    elif hasattr(tower, "normalize"):
+        table = tower.normalize(tower.item_embeddings())
+    else:
+        table = tower.item_embeddings()
+    return fresh_lib.build_index(
+        jax.device_get(table),
+        side_NxS=side_NxS,
+        fresh_capacity=fresh_capacity,
+        id_capacity=id_capacity,
+        quantize=quantize,
+    )
+
+
 class UnifiedRetrieval:
-    """Holds (graphdef, state) of a UnifiedModel and one jitted serve function.
+    """Holds (graphdef, state) of a UnifiedModel and one jitted serve function. The model is put in eval
+    mode first (``model.eval()``: dropout off), since serving is deterministic.
 
     ``trace_count`` counts how often the pipeline was traced (a new trace = a compilation): calling
     again with the same shapes, dtypes and argument structure (e.g. ``allowed`` given or None) reuses it.
@@ -154,6 +180,7 @@ class UnifiedRetrieval:
 
     def __init__(self, model: UnifiedModel, config: UnifiedConfig, *, candidate_fn: Callable | None = None):
         self.config = config
+        model.eval()
         self.graphdef, self.state = nnx.split(model)
         self.trace_count = 0
         self._oa_config = model.scorer.overarch.config
