@@ -140,14 +140,15 @@ def main():
             table = jnp.full((n_slots,), kz.EMPTY, jnp.int64)
             stored, n_full = np.zeros((0,), np.int64), 0
             for load in sorted(args.loads):
-                todo = int(round(load * n_slots)) - len(stored)
+                todo, parts = int(round(load * n_slots)) - len(stored), [stored]
                 while todo > 0:  # fill with the kernel, counting IDs that found their window full
                     chunk = fresh_ids(rng, min(todo, 1 << 20))
                     table, slot, status = ins(table, jnp.asarray(chunk))
                     status = np.asarray(status)
                     n_full += int((status == kz.STATUS_FULL).sum())
-                    stored = np.concatenate([stored, chunk[status == kz.STATUS_INSERTED]])
+                    parts.append(chunk[status == kz.STATUS_INSERTED])
                     todo -= len(chunk)
+                stored = np.concatenate(parts)
                 real_load = float(jnp.sum(table != kz.EMPTY)) / n_slots
                 fill_report.append((n_slots, load, real_load, n_full))
                 for n in args.batches:
