@@ -93,6 +93,25 @@ def item_features(features: Mapping[str, np.ndarray | Sequence[Sequence]]) -> It
     return ItemFeatures(codes, vocab)
 
 
+def features_from_multi_hot(
+    item_features_by_name: Mapping[str, np.ndarray], names: Mapping[str, Sequence[str]] | None = None
+) -> ItemFeatures:
+    """From the data layer's item features (rows = items): a multi-hot (N, F) array with value names (e.g.
+    MovieLens ``genres`` with ``GENRES``) becomes one value per set flag; other arrays are categorical codes
+    (0 = unknown, as in recjax.data, is kept as a value only if listed in ``names``)."""
+    names = names or {}
+    out = {}
+    for feature, arr in item_features_by_name.items():
+        arr = np.asarray(arr)
+        if feature in names:
+            labels = list(names[feature])
+            out[feature] = [[labels[j] for j in np.flatnonzero(row)] for row in arr]
+        else:
+            codes = arr.reshape(arr.shape[0], -1).astype(np.int64)
+            out[feature] = np.where(codes > 0, codes, -1)
+    return item_features(out)
+
+
 def term_rows(term: str, config: BloomConfig) -> np.ndarray:
     """The K Bloom rows of a term string (double hashing of a stable 64-bit digest)."""
     key = int.from_bytes(hashlib.blake2b(term.encode(), digest_size=8).digest(), "little")
