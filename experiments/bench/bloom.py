@@ -85,14 +85,14 @@ def main():
     ap.add_argument("--hashes", type=int, default=5)
     ap.add_argument("--b", type=int, nargs="+", default=[1, 1024])
     ap.add_argument("--groups", type=int, nargs="+", default=[2, 10])
-    ap.add_argument("--block-w", type=int, nargs="+", default=[256])
+    ap.add_argument("--block-w", type=int, nargs="+", default=[256, 0], help="0 = two-stage evaluation")
     ap.add_argument("--deadline", type=float, default=float("inf"), help="seconds; later parts are skipped")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--fpr-items", type=int, default=1_000_000)
     a = ap.parse_args()
     interpret = jax.default_backend() != "gpu"
     if a.small:
-        a.n, a.b, a.reps, a.fpr_items, a.block_w = 20_000, [1, 8], 3, 20_000, [64, 128]
+        a.n, a.b, a.reps, a.fpr_items, a.block_w = 20_000, [1, 8], 3, 20_000, [64, 0]
     if a.check:
         check(interpret)
     print(f"# card: {jax.devices()[0].device_kind}  backend: {jax.default_backend()}")
@@ -118,16 +118,21 @@ def main():
     def one(groups, b, block_w):
         queries = make_queries(b, groups, a.features, a.vocab)
         plan = bloom.compile_queries(index, queries)
-        fn = jax.jit(
-            lambda: bloom_kernel.bloom_filter_words(
-                index.words_MxW,
-                plan.rows_BxCxTxK,
-                plan.kinds_BxCxT,
-                num_words=w,
-                block_w=block_w,
-                interpret=interpret,
+        label = f"pallas block_w={block_w}"
+        if block_w == 0:  # two-stage: distinct terms first, then the CNF over the term table
+            label = f"pallas 2-stage U={plan.num_distinct_terms}"
+            fn = jax.jit(lambda: bloom.filter_words(index, plan, interpret=interpret, two_stage=True))
+        else:
+            fn = jax.jit(
+                lambda: bloom_kernel.bloom_filter_words(
+                    index.words_MxW,
+                    plan.rows_BxCxTxK,
+                    plan.kinds_BxCxT,
+                    num_words=w,
+                    block_w=block_w,
+                    interpret=interpret,
+                )
             )
-        )
         words = fn()
         # FPR on the first fpr_items items of up to 8 queries
         nf = min(a.fpr_items, a.n)
@@ -139,10 +144,11 @@ def main():
         t = timed(fn, a.reps)
         p50 = np.percentile(t, 50)
         c, tt, k = plan.rows_BxCxTxK.shape[1:]
+        rows_read = (plan.num_distinct_terms * k + b * c * tt) if block_w == 0 else b * c * tt * k
         print(
-            f"| pallas block_w={block_w} | {b} | {groups} | {p50 * 1e3:.3f} | "
+            f"| {label} | {b} | {groups} | {p50 * 1e3:.3f} | "
             f"{np.percentile(t, 99) * 1e3:.3f} | "
-            f"{b * a.n / p50 / 1e9:.1f} | {b * w * c * tt * k * 4 / 1e9:.1f} | "
+            f"{b * a.n / p50 / 1e9:.1f} | {rows_read * w * 4 / 1e9:.1f} | "
             f"{index.words_MxW.nbytes / 1e9:.2f} | {fpr:.4f} | {exact.mean():.4f} |",
             flush=True,
         )

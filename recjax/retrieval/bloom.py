@@ -313,8 +313,17 @@ def _to_cnf(node, negate: bool, max_clauses: int):
 
 @dataclass(frozen=True)
 class BloomPlan:
+    """``rows_BxCxTxK`` / ``kinds_BxCxT``: the CNF plan. ``term_rows_UxK`` / ``term_of_BxCxT``: the same
+    literals deduplicated over the batch (U distinct terms), for the two-stage evaluation."""
+
     rows_BxCxTxK: jax.Array
     kinds_BxCxT: jax.Array
+    term_rows_UxK: np.ndarray | None = None
+    term_of_BxCxT: np.ndarray | None = None
+
+    @property
+    def num_distinct_terms(self) -> int:
+        return 0 if self.term_rows_UxK is None else self.term_rows_UxK.shape[0]
 
 
 def compile_queries(
@@ -356,20 +365,55 @@ def compile_queries(
                     )
                 else:
                     kinds[b, c, t] = bloom_kernel.KIND_TERM
-    return BloomPlan(jnp.asarray(rows), jnp.asarray(kinds))
+    term_rows_UxK, term_of = np.unique(rows.reshape(-1, k), axis=0, return_inverse=True)
+    return BloomPlan(jnp.asarray(rows), jnp.asarray(kinds), term_rows_UxK, term_of.reshape(kinds.shape))
 
 
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def filter_words(index: BloomIndex, plan: BloomPlan, *, impl: str = "pallas", interpret: bool | None = None):
-    """Packed allow-mask over all items, (B, ceil(N / 32)) int32."""
+def filter_words(
+    index: BloomIndex,
+    plan: BloomPlan,
+    *,
+    impl: str = "pallas",
+    interpret: bool | None = None,
+    two_stage: bool | None = None,
+):
+    """Packed allow-mask over all items, (B, ceil(N / 32)) int32.
+
+    ``two_stage`` (pallas only; None = when it reads fewer words): first the U distinct terms of the batch
+    (AND of K index rows each) into a (U, W) term table, then each query's CNF over that table with one
+    row per literal: B C T K + ... row reads become U K + B C T. Same kernel, same bits."""
     args = (index.words_MxW, plan.rows_BxCxTxK, plan.kinds_BxCxT)
     if impl == "reference":
         return bloom_kernel.bloom_filter_words_reference(*args, num_words=index.num_words)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    return bloom_kernel.bloom_filter_words(*args, num_words=index.num_words, interpret=interpret)
+    b, c, t, k = plan.rows_BxCxTxK.shape
+    u = plan.num_distinct_terms
+    if two_stage is None:
+        two_stage = u > 0 and u * k + b * c * t < b * c * t * k
+    if not two_stage:
+        return bloom_kernel.bloom_filter_words(*args, num_words=index.num_words, interpret=interpret)
+    if plan.term_rows_UxK is None:
+        raise ValueError("plan: two_stage needs a plan from compile_queries (term table missing)")
+    w = index.num_words
+    term_kinds = jnp.full((u, 1, 1), bloom_kernel.KIND_TERM, jnp.int32)
+    terms_UxW = bloom_kernel.bloom_filter_words(
+        index.words_MxW,
+        jnp.asarray(plan.term_rows_UxK)[:, None, None, :],
+        term_kinds,
+        num_words=w,
+        interpret=interpret,
+    )
+    return bloom_kernel.bloom_filter_words(
+        terms_UxW,
+        jnp.asarray(plan.term_of_BxCxT)[..., None],
+        plan.kinds_BxCxT,
+        num_words=w,
+        interpret=interpret,
+    )
 
 
 def filter_words_probed(

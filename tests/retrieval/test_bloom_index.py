@@ -133,3 +133,18 @@ def test_bad_config_and_plan_shape(rng):
         bloom.compile_queries(index, ["genre:1 AND genre:2 AND genre:3"], max_clauses=2)
     with pytest.raises(ValueError, match="not_mode"):
         bloom.compile_queries(index, ["genre:1"], not_mode="exact")
+
+
+def test_two_stage_evaluation_equals_single_stage(rng):
+    n = 500
+    feats = _features(rng, n)
+    index = bloom.build_bloom_index(feats, bloom.BloomConfig(bits_per_item=48, num_hashes=3))
+    batch = QUERIES + [QUERIES[0], "genre:3 OR genre:4", "genre:3 AND year:1995"]  # shared terms
+    plan = bloom.compile_queries(index, batch)
+    assert plan.num_distinct_terms < np.prod(plan.kinds_BxCxT.shape)
+    one = bloom.filter_words(index, plan, interpret=True, two_stage=False)
+    two = bloom.filter_words(index, plan, interpret=True, two_stage=True)
+    np.testing.assert_array_equal(np.asarray(one), np.asarray(two))
+    np.testing.assert_array_equal(
+        np.asarray(two), np.asarray(bloom.filter_words(index, plan, impl="reference"))
+    )
