@@ -145,8 +145,13 @@ def _any(mask_B):
     return jnp.max(mask_B.astype(jnp.int32)) > 0
 
 
-def _scan_window(table_ref, ids, valid, base, start, *, bucket_size, max_probe):
-    """Pass 1 (read only): the ID's slot in its window (-1 if absent) and its first EMPTY probe (-1: none)."""
+def _scan_window(table_ref, ids, valid, base, start, *, bucket_size, max_probe, width):
+    """Pass 1 (read only): the ID's slot in its window (-1 if absent) and its first EMPTY probe (-1: none).
+
+    Each step reads ``width`` consecutive probes per lane (a 2-D gather: 8 slots = 64 B = two sectors), so a
+    block of lanes waits for its longest probe chain / width steps instead of its longest chain."""
+    big = jnp.int32(2**30)
+    offs_W = lax.broadcasted_iota(jnp.int32, (1, width), 1)
 
     def cond(c):
         p, found, _, _ = c
@@ -154,11 +159,15 @@ def _scan_window(table_ref, ids, valid, base, start, *, bucket_size, max_probe):
 
     def body(c):
         p, found, first_empty, slot = c
-        s = base + (start + p) % bucket_size
+        offs = p + offs_W  # (1, W)
+        s = base[:, None] + (start[:, None] + offs) % bucket_size  # (B, W)
         cur = table_ref[s]
-        hit = valid & ~found & (cur == ids)
-        first_empty = jnp.where((first_empty < 0) & (cur == EMPTY), p, first_empty)
-        return p + 1, found | hit, first_empty, jnp.where(hit, s, slot)
+        inwin = offs < max_probe
+        hit = (valid & ~found)[:, None] & (cur == ids[:, None]) & inwin
+        hit_slot = jnp.max(jnp.where(hit, s, -1), axis=1)
+        empty_at = jnp.min(jnp.where((cur == EMPTY) & inwin, offs, big), axis=1)
+        first_empty = jnp.where((first_empty < 0) & (empty_at < big), empty_at, first_empty)
+        return p + width, found | (hit_slot >= 0), first_empty, jnp.where(hit_slot >= 0, hit_slot, slot)
 
     minus = jnp.full(ids.shape, -1, jnp.int32)
     init = (jnp.int32(0), jnp.zeros(ids.shape, jnp.bool_), minus, minus)
@@ -166,25 +175,25 @@ def _scan_window(table_ref, ids, valid, base, start, *, bucket_size, max_probe):
     return found, first_empty, slot
 
 
-def _lookup_kernel(ids_ref, table_ref, slot_ref, *, bucket_size, num_buckets, max_probe):
+def _lookup_kernel(ids_ref, table_ref, slot_ref, *, bucket_size, num_buckets, max_probe, width):
     ids = ids_ref[...]
     valid = ids != EMPTY
     base, start = window(ids, num_buckets, bucket_size)
     _, _, slot = _scan_window(
-        table_ref, ids, valid, base, start, bucket_size=bucket_size, max_probe=max_probe
+        table_ref, ids, valid, base, start, bucket_size=bucket_size, max_probe=max_probe, width=width
     )
     slot_ref[...] = slot
 
 
 def _insert_kernel(
-    ids_ref, table_in_ref, table_ref, slot_ref, status_ref, *, bucket_size, num_buckets, max_probe
+    ids_ref, table_in_ref, table_ref, slot_ref, status_ref, *, bucket_size, num_buckets, max_probe, width
 ):
     del table_in_ref  # aliased with table_ref
     ids = ids_ref[...]
     valid = ids != EMPTY
     base, start = window(ids, num_buckets, bucket_size)
     found, first_empty, slot = _scan_window(
-        table_ref, ids, valid, base, start, bucket_size=bucket_size, max_probe=max_probe
+        table_ref, ids, valid, base, start, bucket_size=bucket_size, max_probe=max_probe, width=width
     )
     empty_B = jnp.full(ids.shape, EMPTY, ids.dtype)
 
@@ -222,7 +231,7 @@ def _compiler_params(num_warps):
     return plt.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
-def lookup_i64(table_S, ids_N, *, num_buckets, max_probe, block=256, num_warps=4, interpret=False):
+def lookup_i64(table_S, ids_N, *, num_buckets, max_probe, block=256, width=8, num_warps=4, interpret=False):
     """Read-only: slot of each ID or -1. int64 arrays; call with x64 enabled."""
     n = ids_N.shape[0]
     ids_pad, n_pad = _pad(ids_N, block)
@@ -231,6 +240,7 @@ def lookup_i64(table_S, ids_N, *, num_buckets, max_probe, block=256, num_warps=4
         bucket_size=table_S.shape[0] // num_buckets,
         num_buckets=num_buckets,
         max_probe=max_probe,
+        width=width,
     )
     slot = pl.pallas_call(
         kernel,
@@ -245,7 +255,9 @@ def lookup_i64(table_S, ids_N, *, num_buckets, max_probe, block=256, num_warps=4
     return slot[:n]
 
 
-def insert_or_find_i64(table_S, ids_N, *, num_buckets, max_probe, block=256, num_warps=4, interpret=False):
+def insert_or_find_i64(
+    table_S, ids_N, *, num_buckets, max_probe, block=256, width=8, num_warps=4, interpret=False
+):
     """(new table, slot_N int32 (-1 when the window is full), status_N int32). Call with x64 enabled."""
     n = ids_N.shape[0]
     ids_pad, n_pad = _pad(ids_N, block)
@@ -254,6 +266,7 @@ def insert_or_find_i64(table_S, ids_N, *, num_buckets, max_probe, block=256, num
         bucket_size=table_S.shape[0] // num_buckets,
         num_buckets=num_buckets,
         max_probe=max_probe,
+        width=width,
     )
     table, slot, status = pl.pallas_call(
         kernel,
@@ -398,7 +411,9 @@ def _pairs(x64):
     return lax.bitcast_convert_type(x64, jnp.uint32)
 
 
-@functools.partial(jax.jit, static_argnames=("num_buckets", "max_probe", "block", "num_warps", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("num_buckets", "max_probe", "block", "width", "num_warps", "interpret")
+)
 def zch_insert_or_find(
     identity_Sx2,
     ids_Nx2,
@@ -406,6 +421,7 @@ def zch_insert_or_find(
     num_buckets: int,
     max_probe: int,
     block: int = 256,
+    width: int = 8,
     num_warps: int = 4,
     interpret: bool = False,
 ):
@@ -417,13 +433,16 @@ def zch_insert_or_find(
             num_buckets=num_buckets,
             max_probe=max_probe,
             block=block,
+            width=width,
             num_warps=num_warps,
             interpret=interpret,
         )
         return _pairs(table), slot, status
 
 
-@functools.partial(jax.jit, static_argnames=("num_buckets", "max_probe", "block", "num_warps", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("num_buckets", "max_probe", "block", "width", "num_warps", "interpret")
+)
 def zch_lookup(
     identity_Sx2,
     ids_Nx2,
@@ -431,6 +450,7 @@ def zch_lookup(
     num_buckets: int,
     max_probe: int,
     block: int = 256,
+    width: int = 8,
     num_warps: int = 4,
     interpret: bool = False,
 ):
@@ -442,6 +462,7 @@ def zch_lookup(
             num_buckets=num_buckets,
             max_probe=max_probe,
             block=block,
+            width=width,
             num_warps=num_warps,
             interpret=interpret,
         )

@@ -112,6 +112,7 @@ def main():
     ap.add_argument("--ref-max-n", type=int, default=65536)
     ap.add_argument("--block", type=int, default=256)
     ap.add_argument("--num-warps", type=int, default=4)
+    ap.add_argument("--width", type=int, default=8, help="probes read per lane per step (power of 2)")
     args = ap.parse_args()
     interpret = jax.devices()[0].platform != "gpu"
     if args.small:
@@ -132,7 +133,7 @@ def main():
             bucket_size = min(args.bucket_size, n_slots)
             num_buckets = n_slots // bucket_size
             kw = dict(num_buckets=num_buckets, max_probe=args.max_probe)
-            kkw = dict(kw, block=args.block, num_warps=args.num_warps, interpret=interpret)
+            kkw = dict(kw, block=args.block, width=args.width, num_warps=args.num_warps, interpret=interpret)
             ins = jax.jit(functools.partial(kz.insert_or_find_i64, **kkw), donate_argnums=0)
             ins_ref = jax.jit(functools.partial(kz.insert_or_find_reference_i64, **kw), donate_argnums=0)
             look = jax.jit(functools.partial(kz.lookup_i64, **kkw))
