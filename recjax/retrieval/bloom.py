@@ -378,11 +378,12 @@ def filter_words(
     *,
     impl: str = "pallas",
     interpret: bool | None = None,
-    two_stage: bool | None = None,
+    two_stage: bool | None = False,
 ):
     """Packed allow-mask over all items, (B, ceil(N / 32)) int32.
 
-    ``two_stage`` (pallas only; None = when it reads fewer words): first the U distinct terms of the batch
+    ``two_stage`` (pallas only; None = when it reads fewer index rows; default False until it is timed on a
+    GPU, experiments/bench/bloom.py ``--block-w 0``): first the U distinct terms of the batch
     (AND of K index rows each) into a (U, W) term table, then each query's CNF over that table with one
     row per literal: B C T K + ... row reads become U K + B C T. Same kernel, same bits."""
     args = (index.words_MxW, plan.rows_BxCxTxK, plan.kinds_BxCxT)
