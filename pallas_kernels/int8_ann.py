@@ -160,12 +160,18 @@ def choose_block_q(b: int) -> int:
 
 
 def choose_tiles_per_chunk(
-    n: int, b: int, k: int, block_n: int, block_q: int, min_bins_per_k: int = 16
+    n: int,
+    b: int,
+    k: int,
+    block_n: int,
+    block_q: int,
+    min_bins_per_k: int = 16,
+    min_programs: int = 2 * NUM_SMS_HINT,
 ) -> int:
-    """Bin size such that there are >= min_bins_per_k * k bins and enough programs to fill the card."""
+    """Bin size such that there are >= min_bins_per_k * k bins and >= min_programs programs."""
     num_tiles = -(-n // block_n)
     q_blocks = -(-b // block_q)
-    chunks_wanted = max(-(-min_bins_per_k * k // block_n), -(-2 * NUM_SMS_HINT // q_blocks))
+    chunks_wanted = max(-(-min_bins_per_k * k // block_n), -(-min_programs // q_blocks))
     return max(1, num_tiles // chunks_wanted)
 
 

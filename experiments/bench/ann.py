@@ -107,10 +107,12 @@ def recall(ids_RxK, true_RxK) -> float:
 
 
 def pallas_fn(items8, k, mask, b, n, cfg=None):
-    """``cfg`` = (block_q, block_n, num_warps) or None for the library's choice."""
-    block_q, block_n, warps = cfg or (int8_ann.choose_block_q(b), 64 if n >= 64 * 64 else 32, None)
+    """``cfg`` = (block_q, block_n, num_warps[, min_programs]) or None for the library's choice."""
+    cfg = cfg or (int8_ann.choose_block_q(b), 64 if n >= 64 * 64 else 32, None)
+    block_q, block_n, warps = cfg[:3]
+    programs = cfg[3] if len(cfg) > 3 else 2 * int8_ann.NUM_SMS_HINT
     block_q = min(block_q, max(16, 1 << (b - 1).bit_length()))
-    tiles = int8_ann.choose_tiles_per_chunk(n, b, k, block_n, block_q)
+    tiles = int8_ann.choose_tiles_per_chunk(n, b, k, block_n, block_q, min_programs=programs)
 
     @jax.jit
     def run(q):
@@ -129,7 +131,10 @@ def pallas_fn(items8, k, mask, b, n, cfg=None):
             interpret=not on_gpu(),
         )
 
-    return run, f"bins={-(-n // (tiles * block_n)) * block_n} Q={block_q} T={block_n} warps={warps}"
+    return (
+        run,
+        f"bins={-(-n // (tiles * block_n)) * block_n} Q={block_q} T={block_n} warps={warps} P>={programs}",
+    )
 
 
 def xla_int8_fn(items8, k, mask, n):
@@ -381,7 +386,7 @@ def main():
     ap.add_argument("--clusters", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--recall-queries", type=int, default=128)
-    ap.add_argument("--cfg", nargs="*", default=[], help="extra pallas configs 'block_q,block_n,num_warps'")
+    ap.add_argument("--cfg", nargs="*", default=[], help="extra pallas configs 'Q,T,warps[,min_programs]'")
     ap.add_argument("--ivf-n", type=int, nargs="*", default=[])
     ap.add_argument("--deadline", type=float, default=float("inf"), help="seconds; later parts are skipped")
     a = ap.parse_args()
