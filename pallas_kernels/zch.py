@@ -231,7 +231,7 @@ def _compiler_params(num_warps):
     return plt.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
-def lookup_i64(table_S, ids_N, *, num_buckets, max_probe, block=256, width=8, num_warps=4, interpret=False):
+def lookup_i64(table_S, ids_N, *, num_buckets, max_probe, block=128, width=8, num_warps=4, interpret=False):
     """Read-only: slot of each ID or -1. int64 arrays; call with x64 enabled."""
     n = ids_N.shape[0]
     ids_pad, n_pad = _pad(ids_N, block)
@@ -256,7 +256,7 @@ def lookup_i64(table_S, ids_N, *, num_buckets, max_probe, block=256, width=8, nu
 
 
 def insert_or_find_i64(
-    table_S, ids_N, *, num_buckets, max_probe, block=256, width=8, num_warps=4, interpret=False
+    table_S, ids_N, *, num_buckets, max_probe, block=128, width=8, num_warps=4, interpret=False
 ):
     """(new table, slot_N int32 (-1 when the window is full), status_N int32). Call with x64 enabled."""
     n = ids_N.shape[0]
@@ -420,7 +420,7 @@ def zch_insert_or_find(
     *,
     num_buckets: int,
     max_probe: int,
-    block: int = 256,
+    block: int = 128,
     width: int = 8,
     num_warps: int = 4,
     interpret: bool = False,
@@ -449,7 +449,7 @@ def zch_lookup(
     *,
     num_buckets: int,
     max_probe: int,
-    block: int = 256,
+    block: int = 128,
     width: int = 8,
     num_warps: int = 4,
     interpret: bool = False,

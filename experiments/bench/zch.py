@@ -110,7 +110,7 @@ def main():
     ap.add_argument("--new-frac", type=float, default=0.01)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--ref-max-n", type=int, default=65536)
-    ap.add_argument("--block", type=int, default=256)
+    ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--width", type=int, default=8, help="probes read per lane per step (power of 2)")
     args = ap.parse_args()

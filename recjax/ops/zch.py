@@ -100,7 +100,7 @@ def _check(identity_Sx2, ids_Nx2, num_buckets, max_probe):
 
 
 def insert_or_find(
-    identity_Sx2, ids_Nx2, *, num_buckets: int, max_probe: int = 128, impl: str = "auto", block: int = 256
+    identity_Sx2, ids_Nx2, *, num_buckets: int, max_probe: int = 128, impl: str = "auto", block: int = 128
 ):
     """-> (identity_Sx2, slot_N int32, status_N int32). See the module docstring."""
     _check(identity_Sx2, ids_Nx2, num_buckets, max_probe)
@@ -118,7 +118,7 @@ def insert_or_find(
 
 
 def lookup(
-    identity_Sx2, ids_Nx2, *, num_buckets: int, max_probe: int = 128, impl: str = "auto", block: int = 256
+    identity_Sx2, ids_Nx2, *, num_buckets: int, max_probe: int = 128, impl: str = "auto", block: int = 128
 ):
     """-> slot_N int32, -1 where the ID is not in the table. Never modifies the table."""
     _check(identity_Sx2, ids_Nx2, num_buckets, max_probe)
