@@ -148,11 +148,18 @@ def _brute_kernel(*refs, block_n, tiles_per_chunk, num_items, per_bin, has_mask)
     _store(out_v_ref, out_i_ref, slots_v, slots_i, block_n)
 
 
-def _merge(cand_v_BxX, cand_i_BxX, q_scales_B, k):
+def _merge(cand_v_BxX, cand_i_BxX, q_scales_B, k, block_n, per_bin, return_exact):
     vals_BxK, pos_BxK = lax.top_k(cand_v_BxX, k)
     ids_BxK = jnp.take_along_axis(cand_i_BxX, pos_BxK, axis=1)
     ids_BxK = jnp.where(jnp.isneginf(vals_BxK), -1, ids_BxK).astype(jnp.int32)
-    return vals_BxK * q_scales_B[:, None], ids_BxK
+    out = (vals_BxK * q_scales_B[:, None], ids_BxK)
+    if not return_exact:
+        return out
+    # Certificate: if no bin's last kept slot made it into the top-k, every item a bin dropped scores <=
+    # that slot <= the k-th returned score, so the returned scores are the exact top-k scores.
+    slot_BxK = (pos_BxK % (block_n * per_bin)) // block_n
+    exact_B = ~jnp.any((slot_BxK == per_bin - 1) & ~jnp.isneginf(vals_BxK), axis=1)
+    return (*out, exact_B)
 
 
 def choose_block_q(b: int) -> int:
@@ -184,6 +191,7 @@ def choose_tiles_per_chunk(
         "tiles_per_chunk",
         "per_bin",
         "num_warps",
+        "return_exact",
         "interpret",
     ),
 )
@@ -200,9 +208,11 @@ def int8_ann_topk(
     tiles_per_chunk: int = 8,
     per_bin: int = 2,
     num_warps: int | None = None,
+    return_exact: bool = False,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Brute-force fused int8 search. Returns (scores_BxK float32, ids_BxK int32), best first.
+    """Brute-force fused int8 search. Returns (scores_BxK float32, ids_BxK int32), best first, plus
+    ``exact_B`` (bool: the scores are provably the exact top-k) when ``return_exact``.
 
     ``mask_BxW``: optional packed allow-mask, int32/uint32 words, W = ceil(N / 32) (extra words ignored).
     Inputs are assumed validated (see recjax.ops.ann); shapes are padded here.
@@ -252,7 +262,7 @@ def int8_ann_topk(
         interpret=interpret,
         name="int8_ann_brute",
     )(*args)
-    return _merge(cand_v[:b], cand_i[:b], q_scales_B.astype(jnp.float32), k)
+    return _merge(cand_v[:b], cand_i[:b], q_scales_B.astype(jnp.float32), k, block_n, per_bin, return_exact)
 
 
 def _compiler_params(num_warps: int | None, block_q: int, block_n: int, per_bin: int):
@@ -333,7 +343,10 @@ def group_pairs_by_cluster(probes_BxP: jax.Array, num_clusters: int, block_q: in
     return slot_flat.reshape(b, p), work_cluster, work_valid, slot_query
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block_q", "block_n", "per_bin", "num_warps", "interpret"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("k", "block_q", "block_n", "per_bin", "num_warps", "return_exact", "interpret"),
+)
 def int8_ivf_topk(
     q_BxD: jax.Array,
     q_scales_B: jax.Array,
@@ -350,6 +363,7 @@ def int8_ivf_topk(
     block_n: int = 64,
     per_bin: int = 2,
     num_warps: int | None = None,
+    return_exact: bool = False,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """IVF search over clusters ``probes_BxP``. Items are sorted by cluster, each cluster padded to whole
@@ -421,7 +435,7 @@ def int8_ivf_topk(
     p = probes_BxP.shape[1]
     cand_v = cand_v[slot_BxP].reshape(b, p * width)
     cand_i = cand_i[slot_BxP].reshape(b, p * width)
-    return _merge(cand_v, cand_i, q_scales_B.astype(jnp.float32), k)
+    return _merge(cand_v, cand_i, q_scales_B.astype(jnp.float32), k, block_n, per_bin, return_exact)
 
 
 # ------------------------------------------------------------------------------------------ references

@@ -87,22 +87,27 @@ def int8_search(
     impl: str = "auto",
     exact: bool = False,
     min_bins_per_k: int = 16,
-) -> tuple[jax.Array, jax.Array]:
-    """Brute-force int8 search; ``mask_BxW`` packed allow-bits (bit j of word w = item 32 w + j)."""
+    return_exact: bool = False,
+) -> tuple[jax.Array, ...]:
+    """Brute-force int8 search; ``mask_BxW`` packed allow-bits (bit j of word w = item 32 w + j).
+    ``return_exact`` adds ``exact_B``: True where the scores are provably the exact top-k (always True for
+    xla / reference; for pallas the per-bin certificate, see pallas_kernels/int8_ann.py)."""
     n, d = items.values_NxD.shape
     _check_common(queries_BxD, d, n, k)
     if mask_BxW is not None:
         _check_mask("mask_BxW", mask_BxW, (queries_BxD.shape[0], -(-n // 32)))
     q = quantize_queries(queries_BxD)  # rejects NaN / inf
     name = _resolve(impl, queries_BxD.shape[0])
+    certified = (jnp.ones((queries_BxD.shape[0],), bool),) if return_exact else ()
     if name == "reference":
-        return int8_ann.int8_ann_reference(
+        out = int8_ann.int8_ann_reference(
             q.values_NxD, q.scales_N, items.values_NxD, items.scales_N, mask_BxW, k=k
         )
+        return (*out, *certified)
     if name == "xla":
         allowed = None if mask_BxW is None else int8_ann.unpack_mask_reference(mask_BxW, n)
         scores = _xla_scores(q.values_NxD, items.values_NxD, items.scales_N)
-        return _dense_topk(scores, allowed, q.scales_N, k)
+        return (*_dense_topk(scores, allowed, q.scales_N, k), *certified)
     b = queries_BxD.shape[0]
     block_q = int8_ann.choose_block_q(b)
     block_n = 64 if n >= 64 * 64 else 32  # T=64 measured fastest on H200 (benchmarks/RESULTS.md)
@@ -119,6 +124,7 @@ def int8_search(
         block_n=block_n,
         tiles_per_chunk=tiles,
         per_bin=per_bin,
+        return_exact=return_exact,
         interpret=not _on_gpu(),
     )
 

@@ -28,6 +28,9 @@ def test_int8_search_impls_agree_with_mask(rng):
         ref = ann.int8_search(queries, items, k, mask_BxW=m, impl="reference")
         _assert_same(ann.int8_search(queries, items, k, mask_BxW=m, impl="xla"), ref)
         _assert_same(ann.int8_search(queries, items, k, mask_BxW=m, impl="pallas", exact=True), ref)
+    vals, _, certified = ann.int8_search(queries, items, k, impl="pallas", return_exact=True)
+    ref_vals = np.asarray(ann.int8_search(queries, items, k, impl="reference")[0])
+    np.testing.assert_array_equal(np.asarray(vals)[np.asarray(certified)], ref_vals[np.asarray(certified)])
 
 
 def test_filtered_search_returns_only_allowed_items(rng):
