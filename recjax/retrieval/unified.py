@@ -26,7 +26,7 @@ U user side width, V global item ids, E training examples, H excluded ids per us
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ from flax import nnx
 
 from recjax import validation
 from recjax.ops import topk
+from recjax.retrieval import bloom as bloom_lib
 from recjax.retrieval import fresh_index as fresh_lib
 from recjax.retrieval.overarch import OverArch, multitask_loss, task_predictions
 from recjax.retrieval.value_model import ValueModel, value_loss
@@ -48,6 +49,7 @@ class UnifiedConfig:
     topk_impl: str = "auto"  # ops.topk impl for exact search (and the fresh table)
     ann_impl: str = "auto"  # ops.ann impl for int8 search
     normalize_queries: bool = False  # apply tower.normalize to the user embedding
+    bloom_impl: str = "auto"  # Bloom plan evaluation: "pallas" | "reference" | "auto" (pallas on GPU)
 
     def __post_init__(self):
         validation.check_positive("UnifiedConfig.k", self.k)
@@ -57,6 +59,10 @@ class UnifiedConfig:
         if self.retrieval not in fresh_lib.SEARCH_IMPLS:
             raise ValueError(
                 f"UnifiedConfig.retrieval: expected one of {fresh_lib.SEARCH_IMPLS}, got {self.retrieval!r}"
+            )
+        if self.bloom_impl not in ("auto", "pallas", "reference"):
+            raise ValueError(
+                f"UnifiedConfig.bloom_impl: expected 'auto', 'pallas' or 'reference', got {self.bloom_impl!r}"
             )
 
 
@@ -99,6 +105,22 @@ class UnifiedOutput:
     candidate_scores_BxK: jax.Array
 
 
+def bloom_allowed(
+    bloom_index: bloom_lib.BloomIndex, plan: bloom_lib.BloomPlan, num_ids: int, *, impl: str = "auto"
+) -> jax.Array:
+    """(B, V) bool allow-mask from a compiled Bloom plan over an index whose layout row r is global id r.
+    Ids the Bloom index does not cover (e.g. fresh items added after it was built) are not allowed.
+    Jittable; AND/OR queries have no false negatives, false positives at the Bloom rate (see bloom.py)."""
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" else "reference"
+    words_BxW = bloom_lib.filter_words(bloom_index, plan, impl=impl)
+    b = words_BxW.shape[0]
+    bits = (words_BxW[..., None] >> jnp.arange(32, dtype=words_BxW.dtype)) & 1  # bit j = item 32 w + j
+    n = min(bloom_index.num_items, num_ids)
+    allowed_BxN = bits.reshape(b, -1)[:, :n].astype(bool)
+    return jnp.pad(allowed_BxN, ((0, 0), (0, num_ids - n)))
+
+
 def serve(
     model: UnifiedModel,
     config: UnifiedConfig,
@@ -109,15 +131,20 @@ def serve(
     allowed=None,
     exclude_BxH=None,
     user_side_BxU=None,
+    bloom: tuple[bloom_lib.BloomIndex, bloom_lib.BloomPlan] | None = None,
     candidate_fn: Callable | None = None,
 ) -> UnifiedOutput:
-    """The whole pipeline as a traceable function (UnifiedRetrieval jits it once)."""
+    """The whole pipeline as a traceable function (UnifiedRetrieval jits it once). ``allowed`` (V,) or
+    (B, V) bool, ``exclude_BxH`` ids (<= 0 padding) and a Bloom (index, plan) filter are ANDed."""
     tower = model.tower
     user_BxD = tower.user_embedding(tower(inputs_BxL, mask_BxL)).astype(jnp.float32)
     if config.normalize_queries:
         user_BxD = tower.normalize(user_BxD)
     b = user_BxD.shape[0]
     allowed_BxV = None if allowed is None else jnp.broadcast_to(allowed, (b, index.id_capacity))
+    if bloom is not None:
+        from_bloom = bloom_allowed(*bloom, index.id_capacity, impl=config.bloom_impl)
+        allowed_BxV = from_bloom if allowed_BxV is None else allowed_BxV & from_bloom
     if exclude_BxH is not None:  # e.g. the user's history; ids <= 0 are padding
         ex = jnp.where(exclude_BxH > 0, exclude_BxH, -1)
         keep = ~topk.exclusion_mask(ex, index.id_capacity)
@@ -185,8 +212,22 @@ class UnifiedRetrieval:
         self.trace_count = 0
         self._oa_config = model.scorer.overarch.config
 
-        def fn(state, index, inputs_BxL, mask_BxL, allowed, exclude_BxH, user_side_BxU):
+        def fn(
+            state,
+            index,
+            inputs_BxL,
+            mask_BxL,
+            allowed,
+            exclude_BxH,
+            user_side_BxU,
+            bloom_arrays,
+            bloom_static,
+        ):
             self.trace_count += 1  # runs only while tracing
+            bloom = None
+            if bloom_static is not None:  # BloomIndex / BloomPlan are plain dataclasses: rebuilt in the trace
+                words_MxW, rows, kinds = bloom_arrays
+                bloom = (replace(bloom_static, words_MxW=words_MxW), bloom_lib.BloomPlan(rows, kinds))
             return serve(
                 nnx.merge(self.graphdef, state),
                 config,
@@ -196,10 +237,11 @@ class UnifiedRetrieval:
                 allowed=allowed,
                 exclude_BxH=exclude_BxH,
                 user_side_BxU=user_side_BxU,
+                bloom=bloom,
                 candidate_fn=candidate_fn,
             )
 
-        self._serve = jax.jit(fn)
+        self._serve = jax.jit(fn, static_argnames=("bloom_static",))
 
     def model(self) -> UnifiedModel:
         return nnx.merge(self.graphdef, self.state)
@@ -219,7 +261,10 @@ class UnifiedRetrieval:
         allowed=None,
         exclude_BxH=None,
         user_side_BxU=None,
+        bloom: tuple[bloom_lib.BloomIndex, bloom_lib.BloomPlan] | None = None,
     ) -> UnifiedOutput:
+        """``bloom``: a Bloom index whose layout row r is global id r (built over ``id_capacity`` rows or
+        fewer) and a plan with one query per user (``bloom.compile_queries``)."""
         cfg, oa = self.config, self._oa_config
         validation.check_shape("inputs_BxL", inputs_BxL, (None, None))
         validation.check_dtype("inputs_BxL", inputs_BxL, "iu")
@@ -243,7 +288,19 @@ class UnifiedRetrieval:
             validation.check_finite("user_side_BxU", user_side_BxU)
         elif user_side_BxU is not None:
             raise ValueError("user_side_BxU: the OverArch has no user side features (width 0)")
-        return self._serve(self.state, index, inputs_BxL, mask_BxL, allowed, exclude_BxH, user_side_BxU)
+        bloom_arrays = bloom_static = None
+        if bloom is not None:
+            bloom_index, plan = bloom
+            if bloom_index.num_items > index.id_capacity:
+                v, got = index.id_capacity, bloom_index.num_items
+                raise ValueError(f"bloom: expected an index over at most V={v} ids, got {got}")
+            validation.check_shape("bloom plan rows_BxCxTxK", plan.rows_BxCxTxK, (b, None, None, None))
+            bloom_arrays = (bloom_index.words_MxW, plan.rows_BxCxTxK, plan.kinds_BxCxT)
+            bloom_static = replace(bloom_index, words_MxW=None)
+        return self._serve(
+            self.state, index, inputs_BxL, mask_BxL, allowed, exclude_BxH, user_side_BxU, bloom_arrays,
+            bloom_static=bloom_static,
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ training

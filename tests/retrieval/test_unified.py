@@ -8,6 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
+from recjax.retrieval import bloom as bl
 from recjax.retrieval import fresh_index as fi
 from recjax.retrieval.overarch import OverArch, OverArchConfig, TaskSpec
 from recjax.retrieval.unified import (
@@ -47,16 +48,40 @@ class MeanTower(nnx.Module):
         return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
-def _build_model(seed: int, value_mode: str = "fixed") -> UnifiedModel:
+def _make_scorer(rngs: nnx.Rngs) -> Scorer:
+    cfg = OverArchConfig(D, TASKS, item_side_dim=S, user_side_dim=U, hidden_dims=(16,), head_dim=4)
+    vm = ValueModel(ValueModelConfig(WEIGHTS, offsets=(0.0, 3.0, 0.0)), rngs=rngs)
+    return Scorer(OverArch(cfg, rngs=rngs), vm)
+
+
+def _build_model(seed: int) -> UnifiedModel:
     def make():
         rngs = nnx.Rngs(seed)
-        oa = OverArch(
-            OverArchConfig(D, TASKS, item_side_dim=S, user_side_dim=U, hidden_dims=(16,)), rngs=rngs
-        )
-        vm = ValueModel(ValueModelConfig(WEIGHTS, offsets=(0.0, 3.0, 0.0), mode=value_mode), rngs=rngs)
-        return UnifiedModel(MeanTower(NUM_ITEMS, D, rngs=rngs), Scorer(oa, vm))
+        return UnifiedModel(MeanTower(NUM_ITEMS, D, rngs=rngs), _make_scorer(rngs))
 
-    return nnx.jit(make)()
+    return nnx.jit(make)()  # one compile for all initialisers (eager init is slow on a loaded CPU)
+
+
+_REFERENCE = {}
+
+
+def _stages(ur: UnifiedRetrieval):
+    """Reference stages (tower, scorer) called on their own, jitted (eager NNX calls are slow)."""
+    if ur.graphdef not in _REFERENCE:
+
+        @jax.jit
+        def fn(state, inputs, mask, cand_emb, cand_side, user_side):
+            model = nnx.merge(ur.graphdef, state)
+            user = model.tower.user_embedding(model.tower(inputs, mask))
+            return user, model.scorer(user, cand_emb, cand_side, user_side)
+
+        _REFERENCE[ur.graphdef] = fn
+    return _REFERENCE[ur.graphdef]
+
+
+def _user_embedding(ur: UnifiedRetrieval, inputs, mask, user_side):
+    dummy = jnp.zeros((B, ur.config.k, D)), jnp.zeros((B, ur.config.k, S))
+    return np.asarray(_stages(ur)(ur.state, inputs, mask, *dummy, user_side)[0])
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +112,8 @@ def _requests(rng, allowed_fraction=0.6):
 
 def _stepwise(ur: UnifiedRetrieval, index, inputs, mask, allowed, exclude, user_side):
     """The reference: each stage separately, retrieval in numpy over the union of main + fresh rows."""
-    model = ur.model()
-    user = np.asarray(model.tower.user_embedding(model.tower(jnp.asarray(inputs), jnp.asarray(mask))))
+    k, n = ur.config.k, ur.config.n_final
+    user = _user_embedding(ur, inputs, mask, user_side)
     used = int(index.num_fresh)
     emb = np.concatenate([np.asarray(index.main.emb_NxD), np.asarray(index.fresh.emb_NxD)[:used]])
     side = np.concatenate([np.asarray(index.main.side_NxS), np.asarray(index.fresh.side_NxS)[:used]])
@@ -97,11 +122,9 @@ def _stepwise(ur: UnifiedRetrieval, index, inputs, mask, allowed, exclude, user_
     for b in range(len(ok)):
         ok[b, exclude[b][exclude[b] > 0]] = False
     scores = np.where((ids >= 0)[None] & ok[:, np.maximum(ids, 0)], user.astype(np.float64) @ emb.T, -np.inf)
-    k, n = ur.config.k, ur.config.n_final
     rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     cand_ids = np.where(np.isinf(np.take_along_axis(scores, rows, 1)), -1, ids[rows])
-    _, preds, values = model.scorer(jnp.asarray(user), jnp.asarray(emb[rows]), jnp.asarray(side[rows]),
-                                    jnp.asarray(user_side))  # fmt: skip
+    _, (_, preds, values) = _stages(ur)(ur.state, inputs, mask, emb[rows], side[rows], user_side)
     values = np.where(cand_ids >= 0, np.asarray(values), -np.inf)
     order = np.argsort(-values, axis=1, kind="stable")[:, :n]
     top = np.take_along_axis(values, order, 1)
@@ -144,8 +167,7 @@ def test_pipeline_traced_once_and_equal_to_stepwise_reference(rng, system):
 def test_fresh_item_served_immediately(rng, system):
     ur, index = system
     inputs, mask, _, user_side = _requests(rng)
-    model = ur.model()
-    user = np.asarray(model.tower.user_embedding(model.tower(jnp.asarray(inputs), jnp.asarray(mask))))
+    user = _user_embedding(ur, inputs, mask, user_side)
     allowed = np.zeros((B, V), bool)
     allowed[:, 44] = True
     allowed[:, [5, 6]] = True
@@ -155,6 +177,26 @@ def test_fresh_item_served_immediately(rng, system):
     )
     assert np.asarray(out.candidate_ids_BxK)[0, 0] == 44  # retrieved first by the user it was aligned with
     assert (np.asarray(out.ids_BxN) == 44).any(axis=1).all()  # and served to everyone who allows it
+
+
+def test_bloom_filter_inside_the_pipeline_equals_exact_mask(rng, system):
+    ur, index = system
+    inputs, mask, _, user_side = _requests(rng)
+    codes = rng.integers(0, 5, size=(V, 2))
+    codes[0] = -1  # the padding id has no features
+    features = bl.item_features({"genre": codes})
+    bloom_index = bl.build_bloom_index(features, bl.BloomConfig(bits_per_item=256, num_hashes=4))
+    queries = ["genre:1 OR genre:3", "genre:0 AND NOT genre:2", "genre:4", "(genre:2 OR genre:0) AND genre:1"]
+    plan = bl.compile_queries(bloom_index, queries)
+    exact = np.stack([bl.exact_filter(features, q) for q in queries])
+    exclude = np.zeros((B, 1), np.int32)
+    out = ur(index, inputs, mask, exclude_BxH=exclude, user_side_BxU=user_side, bloom=(bloom_index, plan))
+    ref = ur(index, inputs, mask, allowed=exact, exclude_BxH=exclude, user_side_BxU=user_side)
+    # 256 bits, 4 hashes, 2 terms per item: false-positive rate ~1e-9, so the Bloom mask is the exact one
+    np.testing.assert_array_equal(np.asarray(out.candidate_ids_BxK), np.asarray(ref.candidate_ids_BxK))
+    np.testing.assert_array_equal(np.asarray(out.ids_BxN), np.asarray(ref.ids_BxN))
+    got = np.asarray(out.ids_BxN)
+    assert all(exact[b, got[b][got[b] >= 0]].all() for b in range(B))
 
 
 def test_int8_retrieval_respects_filter(rng, system):
@@ -176,9 +218,9 @@ def test_int8_retrieval_respects_filter(rng, system):
     assert recall >= 0.8, recall
 
 
-def test_scorer_train_step_learns_and_keeps_fixed_value_weights(rng):
-    model = _build_model(int(rng.integers(1 << 30)), value_mode="fixed")
-    graphdef, params, rest = nnx.split(model.scorer, nnx.Param, ...)
+def test_scorer_train_step_learns_and_keeps_fixed_value_weights(rng, system):
+    scorer = system[0].model().scorer  # OverArch with hidden heads, fixed value weights
+    graphdef, params, rest = nnx.split(scorer, nnx.Param, ...)
     e = 64
     user, item = rng.normal(size=(e, D)).astype(np.float32), rng.normal(size=(e, D)).astype(np.float32)
     dot = np.sum(user * item, 1)
@@ -196,7 +238,7 @@ def test_scorer_train_step_learns_and_keeps_fixed_value_weights(rng):
     step = make_scorer_train_step(graphdef, opt, task_weights=(1.0, 0.2, 1.0))
     opt_state = opt.init(params)
     losses = []
-    for _ in range(30):
+    for _ in range(25):
         params, opt_state, metrics = step(params, rest, opt_state, batch)
         losses.append(float(metrics["loss"]))
         assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["grad_norm"]) > 0
