@@ -4,8 +4,9 @@
   query always sees itself, so padded rows never have an empty softmax (their outputs are garbage but
   finite, and they are never read by real positions).
 - :class:`CausalSelfAttention`: SASRec's multi-head softmax attention (``torch.nn.MultiheadAttention`` as
-  used by generative-recommenders: separate query and key/value inputs, biased projections, dropout on the
-  attention probabilities).
+  used by generative-recommenders: separate query and key/value inputs, biased query/value/output
+  projections, dropout on the attention probabilities; the key bias is left out because it cannot change
+  the output).
 - :class:`RelativeAttentionBias` and :func:`hstu_pointwise_attention`: HSTU's attention ("Actions Speak
   Louder than Words", Zhai et al. 2024): ``A = silu(Q K^T + rab) / n`` masked causally, ``out = A V``,
   no softmax. ``rab`` is a learned scalar per relative-position bucket (and, when timestamps are given, per
@@ -55,7 +56,9 @@ class CausalSelfAttention(nnx.Module):
         self.num_heads = num_heads
         init = nnx.initializers.xavier_normal()
         self.q_proj = nnx.Linear(d_model, d_model, kernel_init=init, rngs=rngs)
-        self.k_proj = nnx.Linear(d_model, d_model, kernel_init=init, rngs=rngs)
+        # No key bias: it adds q.b_k to every logit of a row, which softmax ignores, so its gradient is
+        # rounding noise that Adam would amplify into lr-sized random steps (torch's MHA has one; a no-op).
+        self.k_proj = nnx.Linear(d_model, d_model, use_bias=False, kernel_init=init, rngs=rngs)
         self.v_proj = nnx.Linear(d_model, d_model, kernel_init=init, rngs=rngs)
         self.out_proj = nnx.Linear(d_model, d_model, kernel_init=init, rngs=rngs)
         self.attn_dropout = nnx.Dropout(dropout, rngs=rngs)
