@@ -72,29 +72,22 @@ def run(impl, table, ids, nb=NUM_BUCKETS, mp=MAX_PROBE):
     return zch.join_ids(np.asarray(new)).copy(), np.asarray(slot), np.asarray(status)
 
 
-def test_split_join_and_hash_match_numpy(rng):
-    ids = np.concatenate([[0, 1, 2**31, 2**40 + 3, 2**63 - 1], rng.integers(0, 2**63 - 1, 50)]).astype(
-        np.int64
-    )
+def test_split_join_round_trip(rng):
+    ids = np.concatenate([[0, 1, 2**31, 2**40 + 3, 2**63 - 1], rng.integers(0, 2**63 - 1, 50)]).astype(np.int64)
     pairs = zch.split_ids(ids)
     assert pairs.dtype == np.uint32 and pairs.shape == (55, 2)
-    assert np.array_equal(zch.join_ids(pairs), ids)
-    slots = np.asarray(
-        zch.zch_lookup_reference(zch.empty_identity(S), jnp.asarray(pairs), num_buckets=4, max_probe=1)
-    )
-    assert (slots == -1).all()
-    # the in-JAX window (via a one-probe insert into an empty table) equals the numpy splitmix64 window
-    _, slot, _ = run("reference", np.full(S, -1, np.int64), ids[:5], 4, 1)
-    assert np.array_equal(slot, np_window(ids[:5], S, 4, 1)[:, 0])
+    assert np.array_equal(pairs[3], [3, 2**8]) and np.array_equal(zch.join_ids(pairs), ids)
+    assert zch.join_ids(np.asarray(zch.empty_identity(3))).tolist() == [-1, -1, -1]
 
 
 @pytest.mark.parametrize("impl", ["pallas", "reference"])
 def test_insert_or_find_invariants_across_batches(impl, rng):
     table = np.full(S, -1, np.int64)
     first_slot = {}
-    for n in (37, 75):  # ragged batch sizes (not multiples of the block), repeated + colliding IDs
-        ids = random_ids(rng, n, n // 2, big=n == 75)
-        ids = np.concatenate([ids, list(first_slot)[:5]]).astype(np.int64)  # IDs from the previous batch
+    for big in (False, True):  # 80 lanes: not a multiple of the block; repeated + colliding IDs
+        ids = random_ids(rng, 75, 40, big=big)
+        old = list(first_slot)[:5] or list(ids[:5])  # IDs of the previous batch
+        ids = np.concatenate([ids, old]).astype(np.int64)
         new, slot, status = run(impl, table, ids)
         assert check_invariants(table, new, ids, slot, status, NUM_BUCKETS, MAX_PROBE) == 0
         for i, s in zip(ids, slot, strict=False):
@@ -104,8 +97,8 @@ def test_insert_or_find_invariants_across_batches(impl, rng):
 
 def test_kernel_matches_reference_on_hits_lookups_and_counts(rng):
     table = np.full(S, -1, np.int64)
-    table, _, _ = run("reference", table, random_ids(rng, 120, 100))
-    ids = random_ids(rng, 90, 60)
+    table, _, _ = run("reference", table, random_ids(rng, 80, 70))
+    ids = random_ids(rng, 80, 60)  # same shapes as above: compilations are shared
     ids[::3] = table[table != -1][: len(ids[::3])]
     out = {impl: run(impl, table, ids) for impl in IMPLS}
     (tp, sp, stp), (tr, sr, str_) = out["pallas"], out["reference"]
@@ -114,14 +107,14 @@ def test_kernel_matches_reference_on_hits_lookups_and_counts(rng):
     assert np.array_equal(sp[hit & np.isin(ids, table)], sr[hit & np.isin(ids, table)])
     assert (tp != -1).sum() == (tr != -1).sum()
     for t in (tp, tr):  # lookup kernel == lookup reference on the filled table, absent IDs -> -1
-        q = np.concatenate([ids, rng.integers(2**62, 2**63 - 1, 7)]).astype(np.int64)
+        q = np.concatenate([ids[:-7], rng.integers(2**62, 2**63 - 1, 7)]).astype(np.int64)
         args = (jnp.asarray(zch.split_ids(t)), jnp.asarray(zch.split_ids(q)))
         lk = np.asarray(
             zch.zch_lookup(*args, num_buckets=NUM_BUCKETS, max_probe=MAX_PROBE, block=BLOCK, interpret=True)
         )
         lr = np.asarray(zch.zch_lookup_reference(*args, num_buckets=NUM_BUCKETS, max_probe=MAX_PROBE))
         assert np.array_equal(lk, lr)
-        assert (lk[-7:] == -1).all() and (t[lk[: len(ids)]] == ids).all()
+        assert (lk[-7:] == -1).all() and (t[lk[:-7]] == ids[:-7]).all()
 
 
 @pytest.mark.parametrize("impl", ["pallas", "reference"])
@@ -146,5 +139,8 @@ def test_hole_before_live_id_does_not_duplicate(impl, rng):
     k = int(np.flatnonzero(slot != win[:, 0])[0])
     table = table.copy()
     table[win[k, 0]] = -1
-    new, slot2, status2 = run(impl, table, ids[k : k + 1], 1, S)
-    assert slot2[0] == slot[k] and status2[0] == zch.STATUS_HIT and (new == -1).sum() == 57
+    new, slot2, status2 = run(impl, table, ids, 1, S)  # same batch again (same shape: no recompilation)
+    assert slot2[k] == slot[k] and status2[k] == zch.STATUS_HIT
+    evicted = slot == win[k, 0]  # the ID that lived in the freed slot comes back as a new ID
+    assert np.array_equal(slot2[~evicted], slot[~evicted]) and (status2[evicted] == zch.STATUS_INSERTED).all()
+    assert (new == -1).sum() == S - 200 and len(np.unique(slot2)) == 200
