@@ -77,6 +77,11 @@ def test_padding_invariance(name, rng):
     padded = np.asarray(model(jnp.asarray(wide), jnp.asarray(wide > 0)))
     np.testing.assert_allclose(padded[:, -1], base[:, -1], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(padded[0, -6:], base[0], rtol=1e-5, atol=1e-6)
+    # A row of padding only (e.g. filler rows of the last eval batch) stays finite, its query too.
+    empty = np.asarray(model(jnp.asarray(np.zeros((1, 6), np.int32)), jnp.zeros((1, 6), bool)))
+    assert (
+        np.isfinite(empty).all() and np.isfinite(np.asarray(model.user_embedding(jnp.asarray(empty)))).all()
+    )
     # Garbage ids under mask=False must not reach real positions either.
     noisy = inputs.copy()
     noisy[1, :3] = rng.integers(1, NUM_ITEMS + 1, size=3)
