@@ -27,7 +27,9 @@ def test_pallas_and_xla_agree(rng):
     out = {impl: ops.insert_or_find(ident, ids, impl=impl, **kw) for impl in ("pallas", "xla")}
     (tp, sp, stp), (tx, sx, stx) = out["pallas"], out["xla"]
     # which lane of a repeated new ID reports INSERTED depends on scheduling on a GPU: compare counts
-    assert np.array_equal(np.bincount(np.asarray(stp), minlength=4), np.bincount(np.asarray(stx), minlength=4))
+    assert np.array_equal(
+        np.bincount(np.asarray(stp), minlength=4), np.bincount(np.asarray(stx), minlength=4)
+    )
     assert np.array_equal(np.asarray(stp) == ops.STATUS_FULL, np.asarray(stx) == ops.STATUS_FULL)
     stored_p = set(ops.join_ids(np.asarray(tp)).tolist())
     assert stored_p == set(ops.join_ids(np.asarray(tx)).tolist())
@@ -53,7 +55,9 @@ def test_bad_inputs():
     ids = ops.as_id_pairs(np.array([1, 2]))
     with pytest.raises(ValueError, match="ids: expected raw IDs >= 0"):
         ops.as_id_pairs(np.array([5, -3]))
-    with pytest.raises(TypeError, match="ids: expected signed integer or unsigned integer dtype, got float32"):
+    with pytest.raises(
+        TypeError, match="ids: expected signed integer or unsigned integer dtype, got float32"
+    ):
         ops.as_id_pairs(np.array([1.0], np.float32))
     with pytest.raises(TypeError, match="ids: expected int32 or uint32 pairs"):
         ops.as_id_pairs(jnp.array([1], jnp.int16))

@@ -73,7 +73,9 @@ def run(impl, table, ids, nb=NUM_BUCKETS, mp=MAX_PROBE):
 
 
 def test_split_join_round_trip(rng):
-    ids = np.concatenate([[0, 1, 2**31, 2**40 + 3, 2**63 - 1], rng.integers(0, 2**63 - 1, 50)]).astype(np.int64)
+    ids = np.concatenate([[0, 1, 2**31, 2**40 + 3, 2**63 - 1], rng.integers(0, 2**63 - 1, 50)]).astype(
+        np.int64
+    )
     pairs = zch.split_ids(ids)
     assert pairs.dtype == np.uint32 and pairs.shape == (55, 2)
     assert np.array_equal(pairs[3], [3, 2**8]) and np.array_equal(zch.join_ids(pairs), ids)
