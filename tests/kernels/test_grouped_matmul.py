@@ -1,5 +1,7 @@
 """MoEBlaze kernels in Pallas interpret mode against the plain-JAX definition (outputs and all gradients)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,9 +17,10 @@ def _routing(rng, kind, k):
     if kind == "ragged_empty":  # expert 2 gets nothing, expert 0 most of the tokens
         head = [np.concatenate([[0], rng.permutation([1, 3])[: k - 1]]) for _ in range(L // 2)]
         ids = np.stack(head + [rng.permutation([0, 1, 3])[:k] for _ in range(L - L // 2)])
-    elif kind == "dropped":  # id E = dropped assignment (padding token / over capacity)
-        ids = np.stack([rng.permutation(E)[:k] for _ in range(L)])
-        ids[rng.random((L, k)) < 0.3] = E
+    elif kind == "ragged_empty_dropped":  # as above, plus id E = dropped (padding token / over capacity)
+        ids, w = _routing(rng, "ragged_empty", k)
+        ids = np.asarray(ids).copy()
+        ids[rng.random((L, k)) < 0.25] = E
         ids[:3] = E
         return jnp.asarray(ids, jnp.int32), jnp.asarray(rng.random((L, k)) + 0.1, jnp.float32)
     elif kind == "all_to_one":
@@ -36,11 +39,14 @@ def _params(rng, activation):
     return x, wg, wu, w2
 
 
-@pytest.mark.parametrize("kind", ["random", "ragged_empty", "all_to_one", "dropped"])
+_plan = jax.jit(lambda ids, w: gm.make_dispatch_plan(ids, w, E, BLOCKS.bm))
+
+
+@pytest.mark.parametrize("kind", ["random", "ragged_empty", "all_to_one", "ragged_empty_dropped"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_dispatch_plan_invariants(rng, kind, k):
     ids, w = _routing(rng, kind, k)
-    plan = jax.tree.map(np.asarray, gm.make_dispatch_plan(ids, w, E, BLOCKS.bm))
+    plan = jax.tree.map(np.asarray, _plan(ids, w))
     ids, w = np.asarray(ids), np.asarray(w)
     kept = ids < E
     tok_LxK = np.broadcast_to(np.arange(L)[:, None], (L, k))
@@ -69,32 +75,30 @@ def test_dispatch_plan_invariants(rng, kind, k):
 
 @pytest.mark.parametrize(
     "activation,kind,k",
-    [
-        ("swiglu", "ragged_empty", 2),
-        ("silu", "all_to_one", 1),
-        ("swiglu", "all_to_one", 3),
-        ("swiglu", "dropped", 2),
-    ],
+    [("swiglu", "ragged_empty_dropped", 2), ("silu", "all_to_one", 1)],
 )
 def test_moe_ffn_matches_reference_with_gradients(rng, activation, kind, k):
     ids, w = _routing(rng, kind, k)
     x, wg, wu, w2 = _params(rng, activation)
     cot = jnp.asarray(rng.normal(size=(L, D)), jnp.float32)
 
-    def loss(fn):
-        def f(x, w, wg, wu, w2):
-            return jnp.sum(cot * fn(x, ids, w, wg, wu, w2, activation=activation))
+    def outputs_and_grads(fn):  # one jit: y and the vjp of y against a random cotangent
+        @jax.jit
+        def run(x, w, wg, wu, w2):
+            y, vjp = jax.vjp(
+                lambda x, w, wg, wu, w2: fn(x, ids, w, wg, wu, w2, activation=activation), x, w, wg, wu, w2
+            )
+            return y, vjp(cot)
 
-        return f
+        return run(x, w, wg, wu, w2)
 
-    fused = lambda *a, activation: gm.moe_ffn(*a, activation=activation, blocks=BLOCKS, interpret=True)  # noqa: E731
-    argnums = (0, 1, 2, 3, 4) if activation == "swiglu" else (0, 1, 2, 4)
-    y = fused(x, ids, w, wg, wu, w2, activation=activation)
-    y_ref = gm.moe_ffn_reference(x, ids, w, wg, wu, w2, activation=activation)
+    fused = functools.partial(gm.moe_ffn, blocks=BLOCKS, interpret=True)
+    y, grads = outputs_and_grads(fused)
+    y_ref, grads_ref = outputs_and_grads(gm.moe_ffn_reference)
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-4, atol=1e-4)
-    grads = jax.grad(loss(fused), argnums=argnums)(x, w, wg, wu, w2)
-    grads_ref = jax.grad(loss(gm.moe_ffn_reference), argnums=argnums)(x, w, wg, wu, w2)
-    for name, g, g_ref in zip(["x", "weights", "w_gate", "w_up", "w_down"], grads, grads_ref, strict=False):
+    for name, g, g_ref in zip(["x", "weights", "w_gate", "w_up", "w_down"], grads, grads_ref, strict=True):
+        if g_ref is None:  # w_up of the SiLU MLP
+            continue
         np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-4, atol=1e-4, err_msg=name)
     if kind == "all_to_one":  # experts that got no token get exactly zero gradient
         unused = sorted(set(range(E)) - set(np.asarray(ids).ravel().tolist()))
