@@ -245,6 +245,21 @@ def test_scorer_train_step_learns_and_keeps_fixed_value_weights(rng, system):
     assert losses[-1] < 0.7 * losses[0]
     np.testing.assert_array_equal(rest["value_model"]["w_T"][...], np.float32(WEIGHTS))  # fixed: untouched
     assert "value_model" not in params or "w_T" not in params["value_model"]
+    # new scorer parameters go into the serving function without a retrace
+    ur, index = system
+    inputs, mask, allowed, user_side = _requests(rng)
+    before, traces, old_state = ur(index, inputs, mask, allowed=allowed, exclude_BxH=inputs,
+                                   user_side_BxU=user_side), ur.trace_count, ur.state  # fmt: skip
+    try:
+        ur.update_scorer(params)
+        after = ur(index, inputs, mask, allowed=allowed, exclude_BxH=inputs, user_side_BxU=user_side)
+        assert ur.trace_count == traces
+        np.testing.assert_array_equal(
+            np.asarray(after.candidate_ids_BxK), np.asarray(before.candidate_ids_BxK)
+        )
+        assert not np.allclose(np.asarray(after.values_BxN), np.asarray(before.values_BxN))
+    finally:
+        ur.state = old_state
 
 
 def test_bad_inputs_rejected(rng, system):
