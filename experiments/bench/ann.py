@@ -107,12 +107,16 @@ def recall(ids_RxK, true_RxK) -> float:
 
 
 def pallas_fn(items8, k, mask, b, n, cfg=None):
-    """``cfg`` = (block_q, block_n, num_warps[, min_programs]) or None for the library's choice."""
+    """``cfg`` = (block_q, block_n, num_warps[, min_programs[, per_bin]]) or None for the library's choice.
+    per_bin=1 asks for 4x more bins (the loss per item is then ~(k-1)/(2L) instead of ~k^2/(6L^2))."""
     cfg = cfg or (int8_ann.choose_block_q(b), 64 if n >= 64 * 64 else 32, None)
     block_q, block_n, warps = cfg[:3]
     programs = cfg[3] if len(cfg) > 3 else 2 * int8_ann.NUM_SMS_HINT
+    per_bin = cfg[4] if len(cfg) > 4 else 2
     block_q = min(block_q, max(16, 1 << (b - 1).bit_length()))
-    tiles = int8_ann.choose_tiles_per_chunk(n, b, k, block_n, block_q, min_programs=programs)
+    tiles = int8_ann.choose_tiles_per_chunk(
+        n, b, k, block_n, block_q, min_bins_per_k=16 if per_bin >= 2 else 64, min_programs=programs
+    )
 
     @jax.jit
     def run(q):
@@ -127,14 +131,13 @@ def pallas_fn(items8, k, mask, b, n, cfg=None):
             block_q=block_q,
             block_n=block_n,
             tiles_per_chunk=tiles,
+            per_bin=per_bin,
             num_warps=warps,
             interpret=not on_gpu(),
         )
 
-    return (
-        run,
-        f"bins={-(-n // (tiles * block_n)) * block_n} Q={block_q} T={block_n} warps={warps} P>={programs}",
-    )
+    bins = -(-n // (tiles * block_n)) * block_n
+    return run, f"bins={bins}x{per_bin} Q={block_q} T={block_n} w={warps} P{programs}"
 
 
 def xla_int8_fn(items8, k, mask, n):
@@ -386,7 +389,9 @@ def main():
     ap.add_argument("--clusters", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--recall-queries", type=int, default=128)
-    ap.add_argument("--cfg", nargs="*", default=[], help="extra pallas configs 'Q,T,warps[,min_programs]'")
+    ap.add_argument(
+        "--cfg", nargs="*", default=[], help="extra pallas configs 'Q,T,warps[,min_programs[,per_bin]]'"
+    )
     ap.add_argument("--ivf-n", type=int, nargs="*", default=[])
     ap.add_argument("--deadline", type=float, default=float("inf"), help="seconds; later parts are skipped")
     a = ap.parse_args()
