@@ -34,6 +34,7 @@ Letters: N IDs, S managed slots, R reserved rows, D embedding dim.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -101,6 +102,7 @@ def _representatives(ids_Nx2, mask_N):
     return jnp.where(mask_N, rep, lanes)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "training", "impl", "num_buckets"))
 def remap_local(
     cfg: ZchTableConfig,
     st: dict,
@@ -314,8 +316,9 @@ class ZchEmbeddingCollection:
             check_vma=False,
         )(st, ids, ttl, step, salt)
 
-    def evict_expired(self, state: dict, step) -> tuple[dict, dict, dict]:
-        """Active eviction: frees every slot whose expiry step has passed. -> (state, resets, stats)."""
+    def evict_expired(self, state: dict, step, *, num_shards: int = 1) -> tuple[dict, dict, dict]:
+        """Active eviction: frees every slot whose expiry step has passed. -> (state, resets, stats).
+        ``num_shards``: the row layout of ``resets`` (reserved rows after each shard's slots), as in remap."""
         new_state, resets, stats = dict(state), {}, {}
         for name, cfg in self.tables.items():
             st = state[name]
@@ -327,7 +330,7 @@ class ZchEmbeddingCollection:
                 expiry=jnp.where(gone, INT_MAX, st["expiry"]),
                 count=jnp.where(gone, 0, st["count"]),
             )
-            resets[name] = self._rows_mask(cfg, gone)
+            resets[name] = self._rows_mask(cfg, gone, num_shards)
             stats[name] = dict(
                 evictions=gone.sum(dtype=jnp.int32),
                 eviction_age_sum=jnp.where(gone, step - st["inserted_at"], 0).sum(dtype=jnp.int32),
