@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import errors, nnx
 
 from recjax import validation
+from recjax.layers import moe_dispatch
 from recjax.ops import grouped_matmul as gmm_ops
 
 
@@ -120,9 +121,16 @@ class MoEFeedForward(nnx.Module):
         activation: str = "swiglu",
         *,
         rngs: nnx.Rngs,
+        mesh: jax.sharding.Mesh | None = None,
+        expert_axis: str = "expert",
+        capacity: int | None = None,
         **options,
     ):
+        """``mesh``: run the experts expert-parallel over its ``expert_axis`` (tokens and experts split over
+        that axis, all-to-all exchange, see :mod:`recjax.layers.moe_dispatch`); ``capacity`` per device pair
+        (None: dropless). ``options`` go to :class:`MoEConfig`."""
         self.config = cfg = MoEConfig(d_model, ffn_dim, num_experts, top_k, activation, **options)
+        self.mesh, self.expert_axis, self.capacity = mesh, expert_axis, capacity
         d, f, e = d_model, ffn_dim, num_experts
         init = jax.nn.initializers.normal
         self.router = nnx.Param(init(0.02)(rngs.params(), (d, e), jnp.float32))
@@ -152,16 +160,25 @@ class MoEFeedForward(nnx.Module):
         r = route(logits_LxE, cfg.top_k, renormalize=cfg.renormalize, mask_L=mask_L)
         dtype = jnp.dtype(cfg.compute_dtype) if cfg.compute_dtype else x.dtype
         w_up = None if self.w_up is None else self.w_up[...].astype(dtype)
-        y_LxD = gmm_ops.moe_expert_ffn(
+        args = (
             x_LxD.astype(dtype),
             r.expert_ids_LxK,
             r.weights_LxK,
             self.w_gate[...].astype(dtype),
             w_up,
             self.w_down[...].astype(dtype),
-            activation=cfg.activation,
-            impl=cfg.impl,
         )
+        if self.mesh is None:
+            y_LxD = gmm_ops.moe_expert_ffn(*args, activation=cfg.activation, impl=cfg.impl)
+        else:
+            y_LxD = moe_dispatch.expert_parallel_ffn(
+                *args,
+                mesh=self.mesh,
+                axis=self.expert_axis,
+                capacity=self.capacity,
+                activation=cfg.activation,
+                impl=cfg.impl,
+            )
         aux_loss = cfg.load_balance_weight * r.load_balance_loss + cfg.z_loss_weight * r.z_loss
         aux = {
             "aux_loss": aux_loss,

@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from recjax.layers import moe_dispatch
+from recjax.layers import moe, moe_dispatch
 from recjax.ops import grouped_matmul as gmm_ops
 from recjax.sharding import mesh as mesh_lib
 
@@ -80,3 +81,15 @@ def test_expert_parallel_rejects_bad_setup(rng):
         moe_dispatch.expert_parallel_ffn(x, ids, w, wg, wu, w2, mesh=mesh, axis="data")
     with pytest.raises(ValueError, match="capacity"):
         moe_dispatch.expert_parallel_ffn(x, ids, w, wg, wu, w2, mesh=mesh, capacity=0)
+
+
+def test_layer_with_mesh_matches_single_device(rng):
+    mesh = _mesh()
+    single = moe.MoEFeedForward(D, F, E, K, rngs=nnx.Rngs(0), impl="xla")
+    sharded = moe.MoEFeedForward(D, F, E, K, rngs=nnx.Rngs(0), impl="xla", mesh=mesh)
+    x = jnp.asarray(rng.normal(size=(4, L // 4, D)), jnp.float32)
+    mask = jnp.asarray(rng.random((4, L // 4)) < 0.8)
+    fwd = nnx.jit(lambda m, x, mask: m.forward(x, mask))
+    (y1, aux1), (y8, aux8) = fwd(single, x, mask), fwd(sharded, x, mask)
+    np.testing.assert_allclose(np.asarray(y8), np.asarray(y1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(aux8["aux_loss"]), float(aux1["aux_loss"]), rtol=1e-5)
