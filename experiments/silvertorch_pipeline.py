@@ -104,7 +104,10 @@ def recall_at(ids_CxN: np.ndarray, targets_CxM: np.ndarray) -> float:
 
 def train_tower(args, dataset, m: int):
     """Sampled-softmax next-item training on each user's sequence minus its test window."""
-    extra = {"ffn_hidden_dim": args.dim} if args.tower == "sasrec" else {}
+    if args.tower == "sasrec":
+        extra = {"ffn_hidden_dim": args.dim}
+    else:
+        extra = {"attention_dim": args.dim, "linear_dim": args.dim}
     model = build_model(
         args.tower, dataset.num_items, rngs=nnx.Rngs(params=args.seed, dropout=args.seed + 1),
         max_len=args.max_len, embed_dim=args.dim, **extra,
