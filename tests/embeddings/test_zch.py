@@ -243,3 +243,30 @@ def test_bad_inputs():
         ez.ZchEmbeddingCollection([table(n=64)], impl="cuda")
     with pytest.raises(ValueError, match="divisible by 8 shards"):
         coll.remap(state, {"a": np.array([1])}, 0, mesh=jax.make_mesh((8,), ("model",)))
+
+
+def test_new_owner_gets_fresh_row_and_optimizer_state(rng):
+    """remap (evicts) then reset_rows: the evicted row is re-initialised and its Adam rows zeroed."""
+    cfg = table("lru", n=16, reserved=2, ttl=5)  # the eviction test's config: shared compilation
+    coll = ez.ZchEmbeddingCollection([cfg], impl="xla")
+    state, stored = full_state(rng, cfg, coll, step=100)
+    params = coll.init_params(jax.random.key(1))
+    tx = optax.adam(0.1)
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    updates, opt_state = tx.update(grads, tx.init(params), params)
+    params = optax.apply_updates(params, updates)
+    batch = np.array([2**45] + [stored[0]] * 15)
+    rows, _, resets, _ = coll.remap(state, {"a": batch}, 100)
+    init_fn = jax.nn.initializers.normal(1.0)
+    reset = jax.jit(lambda p, o, m, k: ez.reset_rows(p, o, m, init_fn, k, table_name="t"))
+    new_table, new_opt = reset(params["t"], opt_state, resets["t"], jax.random.key(2))
+    victim = int(np.asarray(rows["a"])[0])
+    mask = np.asarray(resets["t"])
+    assert np.flatnonzero(mask).tolist() == [victim]
+    fresh = np.asarray(init_fn(jax.random.key(2), (18, 4), jnp.float32))
+    assert np.array_equal(np.asarray(new_table)[victim], fresh[victim])
+    assert np.array_equal(np.asarray(new_table)[~mask], np.asarray(params["t"])[~mask])
+    assert (np.asarray(new_opt[0].mu["t"])[victim] == 0).all() and (
+        np.asarray(new_opt[0].nu["t"])[victim] == 0
+    ).all()
+    assert (np.asarray(opt_state[0].nu["t"])[victim] != 0).all()
