@@ -149,6 +149,9 @@ def _brute_kernel(*refs, block_n, tiles_per_chunk, num_items, per_bin, has_mask)
 
 
 def _merge(cand_v_BxX, cand_i_BxX, q_scales_B, k, block_n, per_bin, return_exact):
+    if cand_v_BxX.shape[1] < k:  # e.g. IVF with few probes of small clusters: pad, results get id -1
+        cand_v_BxX = _pad_axis(cand_v_BxX, 1, k, -jnp.inf)
+        cand_i_BxX = _pad_axis(cand_i_BxX, 1, k, -1)
     vals_BxK, pos_BxK = lax.top_k(cand_v_BxX, k)
     ids_BxK = jnp.take_along_axis(cand_i_BxX, pos_BxK, axis=1)
     ids_BxK = jnp.where(jnp.isneginf(vals_BxK), -1, ids_BxK).astype(jnp.int32)

@@ -27,6 +27,7 @@ def _check(vals, ids, q, qs, items, s, allowed_BxN, k, *, exact: bool):
     scores = np.asarray(int8_ann.int8_scores_reference(q, items, s)) * qs[:, None]
     scores = np.where(allowed_BxN, scores, -np.inf)
     ref = -np.sort(-scores, axis=1)[:, :k]
+    ref = np.pad(ref, ((0, 0), (0, k - ref.shape[1])), constant_values=-np.inf)  # k > N: -inf padding
     assert vals.shape == ids.shape == (q.shape[0], k)
     finite = np.where(np.isneginf(vals), np.finfo(np.float32).min, vals)
     assert (np.diff(finite, axis=1) <= 0).all()
@@ -160,6 +161,23 @@ def test_ivf_matches_reference_restricted_to_probed_clusters(rng):
         if use_mask:
             allowed &= keep_BxN
         _check(vals, ids, q, qs, items, s, allowed, k, exact=True)
+    # k above the candidates of 2 probes (2 x 32 columns x 2 slots = 128): padded with -inf / -1
+    vals, ids = int8_ann.int8_ivf_topk(
+        q,
+        qs,
+        probes,
+        items_sorted,
+        s_sorted,
+        ids_sorted,
+        tile_start.astype(np.int32),
+        tiles.astype(np.int32),
+        k=150,
+        block_q=16,
+        block_n=block_n,
+        interpret=True,
+    )
+    allowed = np.stack([np.isin(cluster_N, probes[r]) for r in range(b)])
+    _check(vals, ids, q, qs, items, s, allowed, 150, exact=True)
 
 
 def test_padded_dim_rejects_unsupported():
