@@ -9,105 +9,23 @@ resumes from its last checkpoint.
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import pathlib
 import sys
-from typing import Any
 
-import ml_collections
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "experiment config file")
+from experiments.train_lib import format_table, run_experiment
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/default.py", "experiment config file"
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default: runs/<config>-<timestamp>)")
-
-
-def load_dataset(data: ml_collections.ConfigDict):
-    """The dataset named by ``data.name``; "auto" means MovieLens-1M if RECJAX_DATA_DIR holds it."""
-    from recjax.data import movielens, paths, synthetic
-
-    name = data.name
-    if name == "auto":
-        try:
-            paths.data_dir(required="ml-1m")
-            name = "ml-1m"
-        except FileNotFoundError:
-            name = "synthetic"
-    if name == "synthetic":
-        return synthetic.make_synthetic(**data.synthetic.to_dict())
-    if name == "ml-1m":
-        return movielens.load_ml1m_sequential()
-    if name == "ml-100k":
-        return movielens.load_ml100k()
-    raise ValueError(f"data.name: expected 'auto', 'synthetic', 'ml-1m' or 'ml-100k', got {name!r}")
-
-
-def train_config(train: ml_collections.ConfigDict):
-    from recjax.train.trainer import LossConfig, TrainConfig
-
-    fields = train.to_dict()
-    loss = LossConfig(**fields.pop("loss"))
-    fields["ks"] = tuple(fields["ks"])
-    return TrainConfig(**fields, loss=loss)
-
-
-def batch_iterator(pipeline: str):
-    from recjax.data import batching
-
-    if pipeline == "numpy":
-        return batching.batches
-    if pipeline == "grain":
-        from recjax.data import pipeline as grain_pipeline
-
-        return grain_pipeline.grain_iterator
-    raise ValueError(f"data.pipeline: expected 'grain' or 'numpy', got {pipeline!r}")
-
-
-def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Trains, evaluates and returns the results dict (also written to ``workdir/results.json``)."""
-    from flax import nnx
-
-    from recjax.data.splits import leave_one_out
-    from recjax.eval import ranking
-    from recjax.models.registry import build_model
-    from recjax.train.trainer import Trainer
-
-    tcfg = train_config(config.train)
-    dataset = load_dataset(config.data)
-    split = leave_one_out(dataset)
-    model_cfg = config.model.to_dict()
-    model = build_model(model_cfg.pop("name"), dataset.num_items, max_len=config.data.max_len,
-                        rngs=nnx.Rngs(params=tcfg.seed, dropout=tcfg.seed + 1), **model_cfg)
-    trainer = Trainer(model, split, tcfg, workdir, max_len=config.data.max_len,
-                      batch_iter=batch_iterator(config.data.pipeline))
-    results = trainer.fit()
-    from recjax.data import batching
-
-    test_batches = batching.batches(trainer.test_examples, tcfg.eval_batch_size)
-    results["popularity_test"] = ranking.evaluate_popularity(split.train, dataset.num_items, test_batches,
-                                                             ks=tcfg.ks)
-    results["dataset"] = {"name": dataset.name, "users": dataset.num_users, "items": dataset.num_items,
-                          "interactions": dataset.num_interactions}
-    results["config"] = json.loads(config.to_json_best_effort())
-    pathlib.Path(workdir, "results.json").write_text(json.dumps(results, indent=2, default=str))
-    return results
-
-
-def format_table(results: dict[str, Any]) -> str:
-    keys = [k for k in results["test"] if k.startswith(("hr@", "ndcg@"))] + ["mrr"]
-    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    lines.append("| trained | " + " | ".join(f"{results['test'][k]:.4f}" for k in keys) + " |")
-    lines.append("| popularity | " + " | ".join(f"{results['popularity_test'][k]:.4f}" for k in keys) + " |")
-    ds = results["dataset"]
-    lines.append(f"\n{ds['name']}: {ds['users']} users, {ds['items']} items; best validation epoch "
-                 f"{results['best_epoch']} of {results['epochs']}; {results['s_per_epoch']:.2f} s/epoch; "
-                 f"wall {results['wall_s']:.0f} s on {results['devices']}")
-    return "\n".join(lines)
 
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     config = _CONFIG.value
     name = pathlib.Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
     workdir = _WORKDIR.value or f"runs/{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.run import run_experiment
+from experiments.train_lib import run_experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "axis: dotted.key=v1,v2,...")
@@ -42,7 +42,7 @@ def apply_override(config: ml_collections.ConfigDict, key: str, raw: str) -> Non
     node = config
     for i, p in enumerate(parents):
         if p not in node:
-            raise KeyError(f"--sweep key {key!r}: no field {'.'.join(parents[:i + 1])!r} in the config")
+            raise KeyError(f"--sweep key {key!r}: no field {'.'.join(parents[: i + 1])!r} in the config")
         node = node[p]
     if leaf not in node:
         raise KeyError(f"--sweep key {key!r}: no field {leaf!r}; fields there: {sorted(node.keys())}")
@@ -56,8 +56,13 @@ def apply_override(config: ml_collections.ConfigDict, key: str, raw: str) -> Non
     node[leaf] = value
 
 
-def run_sweep(config, axes: list[tuple[str, list[str]]], seeds: list[int], out: str | pathlib.Path,
-              metric: str = "hr@10") -> list[dict]:
+def run_sweep(
+    config,
+    axes: list[tuple[str, list[str]]],
+    seeds: list[int],
+    out: str | pathlib.Path,
+    metric: str = "hr@10",
+) -> list[dict]:
     out = pathlib.Path(out)
     rows = []
     combos = list(itertools.product(*[[(k, v) for v in vs] for k, vs in axes])) or [()]
@@ -69,9 +74,16 @@ def run_sweep(config, axes: list[tuple[str, list[str]]], seeds: list[int], out: 
             cfg.train.seed = int(seed)
             name = "_".join(f"{k.split('.')[-1]}-{v}" for k, v in combo) or "base"
             res = run_experiment(cfg, out / f"{name}_seed{seed}")
-            rows.append({"run": name, "seed": seed, **{k: v for k, v in combo},
-                         **{f"test/{m}": v for m, v in res["test"].items()},
-                         "best_epoch": res["best_epoch"], "wall_s": round(res["wall_s"], 1)})
+            rows.append(
+                {
+                    "run": name,
+                    "seed": seed,
+                    **{k: v for k, v in combo},
+                    **{f"test/{m}": v for m, v in res["test"].items()},
+                    "best_epoch": res["best_epoch"],
+                    "wall_s": round(res["wall_s"], 1),
+                }
+            )
     write_tables(rows, out, metric)
     return rows
 
@@ -84,12 +96,17 @@ def write_tables(rows: list[dict], out: pathlib.Path, metric: str) -> None:
         writer.writerows(rows)
     metrics = [k for k in rows[0] if k.startswith("test/")]
     runs = list(dict.fromkeys(r["run"] for r in rows))
-    lines = ["| run | seeds | " + " | ".join(m[5:] for m in metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+    lines = [
+        "| run | seeds | " + " | ".join(m[5:] for m in metrics) + " |",
+        "|---" * (len(metrics) + 2) + "|",
+    ]
     means, stds = [], []
     for run in runs:
         vals = {m: np.array([r[m] for r in rows if r["run"] == run]) for m in metrics}
         n = len(vals[metrics[0]])
-        lines.append(f"| {run} | {n} | " + " | ".join(f"{v.mean():.4f} ± {v.std():.4f}" for v in vals.values()) + " |")
+        lines.append(
+            f"| {run} | {n} | " + " | ".join(f"{v.mean():.4f} ± {v.std():.4f}" for v in vals.values()) + " |"
+        )
         means.append(vals[f"test/{metric}"].mean())
         stds.append(vals[f"test/{metric}"].std())
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -112,8 +129,13 @@ def main(argv):
     del argv
     if _CONFIG.value is None:
         raise app.UsageError("--config is required")
-    run_sweep(_CONFIG.value, [parse_axis(s) for s in _SWEEP.value], [int(s) for s in _SEEDS.value], _OUT.value,
-              _METRIC.value)
+    run_sweep(
+        _CONFIG.value,
+        [parse_axis(s) for s in _SWEEP.value],
+        [int(s) for s in _SEEDS.value],
+        _OUT.value,
+        _METRIC.value,
+    )
 
 
 if __name__ == "__main__":

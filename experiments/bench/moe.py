@@ -297,6 +297,94 @@ def bench_micro(t, h, f, e, blocks, dtype, ceiling, iters, has_torch, micro_tile
         print(f"{'torch._grouped_mm':24s} {sec * 1e6:9.1f} us {tf:7.1f} TFLOP/s {frac:5.1f}% of ceiling")
 
 
+def bench_breakdown(n_tok, d, e, k, blocks, dtype, ceiling, iters):
+    """Time of each fused stage (plan, up, combine, backward activation, weight grads, dx) on one config."""
+    f = 4 * d
+    x, wr, wg, wu, w2, cot = make_inputs(n_tok, d, f, e, dtype)
+    ids, w = jax.jit(_route, static_argnums=2)(x, wr, k)
+    interpret = not gmm_ops.pallas_supported()
+    kw = dict(blocks=blocks, interpret=interpret)
+    plan_fn = jax.jit(gm.make_dispatch_plan, static_argnums=(2, 3))
+    plan = plan_fn(ids, w, e, blocks.bm)
+    p_rows = plan.token_P.shape[0]
+    up = jax.jit(lambda x, wg, wu: gm.expert_up(plan, x, wg, wu, activation="swiglu", **kw))
+    h = up(x, wg, wu)
+    dy = cot.astype(dtype)
+    act = jax.jit(lambda x, dy: gm.expert_bwd_act(plan, x, dy, wg, wu, w2, activation="swiglu", **kw))
+    (da, db), h2, _ = act(x, dy)
+    a_f = n_tok * k * d * f * 2  # one GEMM over the routed rows
+    stages = [
+        ("plan (sort/search/gather)", jax.jit(lambda i, w: plan_fn(i, w, e, blocks.bm)), (ids, w), 0),
+        ("up: gather + 2 GEMM + SwiGLU", up, (x, wg, wu), 2 * a_f),
+        (
+            "combine: GEMM + weight + scatter",
+            jax.jit(lambda h: gm.expert_combine(plan, [h], [w2], n_tok, transpose_w=False, scale=True, **kw)),
+            (h,),
+            a_f,
+        ),
+        ("bwd act: 3 GEMM recompute", act, (x, dy), 3 * a_f),
+        (
+            "dW_down tgmm",
+            jax.jit(
+                lambda h, dy: gm.expert_tgmm(
+                    plan,
+                    h,
+                    [dy],
+                    n_tok,
+                    e,
+                    lhs_gather=False,
+                    rhs_gather=True,
+                    rhs_scale=True,
+                    out_dtype=dtype,
+                    **kw,
+                )
+            ),
+            (h2, dy),
+            a_f,
+        ),
+        (
+            "dW_gate+dW_up tgmm",
+            jax.jit(
+                lambda x, da, db: gm.expert_tgmm(
+                    plan,
+                    x,
+                    [da, db],
+                    n_tok,
+                    e,
+                    lhs_gather=True,
+                    rhs_gather=False,
+                    rhs_scale=False,
+                    out_dtype=dtype,
+                    **kw,
+                )
+            ),
+            (x, da, db),
+            2 * a_f,
+        ),
+        (
+            "dx combine: 2 GEMM",
+            jax.jit(
+                lambda da, db: gm.expert_combine(
+                    plan, [da, db], [wg, wu], n_tok, transpose_w=True, scale=False, **kw
+                )
+            ),
+            (da, db),
+            2 * a_f,
+        ),
+    ]
+    print(
+        f"\n# fused stages, L={n_tok} d={d} E={e} k={k} F={f}, P={p_rows} padded rows "
+        f"({p_rows / (n_tok * k):.2f}x the assignments); routed-row FLOPs"
+    )
+    total = 0.0
+    for name, fn, args, flops in stages:
+        sec = _time(fn, *args, iters=iters)
+        total += sec
+        tf = flops / sec / 1e12 if flops else 0.0
+        print(f"{name:34s} {sec * 1e3:8.3f} ms {tf:7.1f} TFLOP/s {100 * tf / ceiling:5.1f}%", flush=True)
+    print(f"{'sum':34s} {total * 1e3:8.3f} ms")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny sizes, runs on CPU in seconds")
@@ -304,6 +392,7 @@ def main(argv=None):
     p.add_argument("--impls", default="fused,ragged,gshard,torch")
     p.add_argument("--check", action="store_true", help="fused kernels vs reference first")
     p.add_argument("--micro", action="store_true", help="grouped GEMM microbenchmark")
+    p.add_argument("--breakdown", action="store_true", help="time each fused stage (d=1024, E=8, k=2)")
     p.add_argument("--tokens", type=int, default=32 * 1024)
     p.add_argument("--bm", type=int, default=128)
     p.add_argument("--bn", type=int, default=64)
@@ -357,6 +446,9 @@ def main(argv=None):
         )
     ceiling = ceiling_tflops(args.small)
     print(f"ceiling: dense bf16 matmul {ceiling:.1f} TFLOP/s")
+    if args.breakdown or args.small:
+        cfg = (64, 32, 4, 2) if args.small else (n_tok, 1024, 8, 2)
+        bench_breakdown(*cfg, blocks, dtype, ceiling, args.iters)
     if args.micro or args.small:
         tiles = ({},) if args.small else MICRO_TILES
         bench_micro(*micro, blocks, dtype, ceiling, args.iters, has_torch, tiles)

@@ -9,26 +9,42 @@ import ml_collections
 
 
 def data_config(name: str = "synthetic", max_len: int = 200) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({
-        "name": name,  # "synthetic" | "ml-1m" | "ml-100k" | "auto" (ml-1m when RECJAX_DATA_DIR has it)
-        "max_len": max_len,
-        "pipeline": "grain",  # "grain" | "numpy" (same batches; numpy where grain is not installed)
-        "synthetic": {"num_users": 2000, "num_items": 1000, "seed": 0},
-    })
+    return ml_collections.ConfigDict(
+        {
+            "name": name,  # "synthetic" | "ml-1m" | "ml-100k" | "auto" (ml-1m when RECJAX_DATA_DIR has it)
+            "max_len": max_len,
+            "pipeline": "grain",  # "grain" | "numpy" (same batches; numpy where grain is not installed)
+            "synthetic": {"num_users": 2000, "num_items": 1000, "seed": 0},
+        }
+    )
 
 
 def sasrec_model(**overrides) -> ml_collections.ConfigDict:
     # generative-recommenders' MovieLens-1M SASRec: d=50, 2 blocks, 1 head, dropout 0.2, L2-normalised.
-    cfg = {"name": "sasrec", "embed_dim": 50, "num_blocks": 2, "num_heads": 1, "dropout": 0.2,
-           "l2_normalize": True}
+    cfg = {
+        "name": "sasrec",
+        "embed_dim": 50,
+        "num_blocks": 2,
+        "num_heads": 1,
+        "dropout": 0.2,
+        "l2_normalize": True,
+    }
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
 
 
 def hstu_model(**overrides) -> ml_collections.ConfigDict:
     # generative-recommenders' MovieLens-1M HSTU: d=50, 2 blocks, 1 head, attention/linear dim 25.
-    cfg = {"name": "hstu", "embed_dim": 50, "num_blocks": 2, "num_heads": 1, "attention_dim": 25,
-           "linear_dim": 25, "dropout": 0.2, "l2_normalize": True}
+    cfg = {
+        "name": "hstu",
+        "embed_dim": 50,
+        "num_blocks": 2,
+        "num_heads": 1,
+        "attention_dim": 25,
+        "linear_dim": 25,
+        "dropout": 0.2,
+        "l2_normalize": True,
+    }
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
 
@@ -36,11 +52,30 @@ def hstu_model(**overrides) -> ml_collections.ConfigDict:
 def train_config(**overrides) -> ml_collections.ConfigDict:
     # Sampled softmax, 128 uniform negatives, temperature 0.05, AdamW lr 1e-3 (generative-recommenders).
     cfg = {
-        "batch_size": 128, "num_epochs": 100, "learning_rate": 1e-3, "weight_decay": 0.0, "b1": 0.9, "b2": 0.98,
-        "warmup_steps": 0, "grad_clip_norm": 0.0, "seed": 0, "eval_every_epochs": 1, "patience": 10,
-        "early_stop_metric": "ndcg@10", "checkpoint_every_steps": 0, "eval_batch_size": 256,
-        "ks": (10, 50, 200), "num_devices": 0, "topk_impl": "auto", "progress": True,
-        "loss": {"name": "sampled_softmax", "num_negatives": 128, "negatives": "uniform", "temperature": 0.05},
+        "batch_size": 128,
+        "num_epochs": 100,
+        "learning_rate": 1e-3,
+        "weight_decay": 0.0,
+        "b1": 0.9,
+        "b2": 0.98,
+        "warmup_steps": 0,
+        "grad_clip_norm": 0.0,
+        "seed": 0,
+        "eval_every_epochs": 1,
+        "patience": 10,
+        "early_stop_metric": "ndcg@10",
+        "checkpoint_every_steps": 0,
+        "eval_batch_size": 256,
+        "ks": (10, 50, 200),
+        "num_devices": 0,
+        "topk_impl": "auto",
+        "progress": True,
+        "loss": {
+            "name": "sampled_softmax",
+            "num_negatives": 128,
+            "negatives": "uniform",
+            "temperature": 0.05,
+        },
     }
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)

@@ -83,8 +83,15 @@ def evaluate(
     totals: dict[str, float] = {}
     for batch in batches:
         validation.check_range("batch['target']", batch["target"], 1, num_items + 1)
-        sums = rank_batch(query_fn(batch), items_NxD, jnp.asarray(batch["target"]),
-                          jnp.asarray(batch["exclude"]), jnp.asarray(batch["valid"]), ks=ks, impl=impl)
+        sums = rank_batch(
+            query_fn(batch),
+            items_NxD,
+            jnp.asarray(batch["target"]),
+            jnp.asarray(batch["exclude"]),
+            jnp.asarray(batch["valid"]),
+            ks=ks,
+            impl=impl,
+        )
         for name, v in jax.device_get(sums).items():
             totals[name] = totals.get(name, 0.0) + float(v)
     count = totals.pop("count", 0.0)
@@ -103,7 +110,8 @@ def popularity_scores(train_sequences: Iterable[np.ndarray], num_items: int) -> 
     return counts[:, None]
 
 
-def evaluate_popularity(train_sequences, num_items: int, batches: Iterable[dict], *,
-                        ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+def evaluate_popularity(
+    train_sequences, num_items: int, batches: Iterable[dict], *, ks: Sequence[int] = DEFAULT_KS
+) -> dict[str, float]:
     table = jnp.asarray(popularity_scores(train_sequences, num_items))
     return evaluate(lambda b: jnp.ones((len(b["target"]), 1), jnp.float32), table, batches, ks=ks, impl="xla")

@@ -57,8 +57,13 @@ def _xla(queries_BxD, items_NxD, k, exclude_BxH, precision=None):
 
 
 def _reference(queries_BxD, items_NxD, k, exclude_BxH):
-    return _xla(queries_BxD.astype(jnp.float32), items_NxD.astype(jnp.float32), k, exclude_BxH,
-                precision=jax.lax.Precision.HIGHEST)
+    return _xla(
+        queries_BxD.astype(jnp.float32),
+        items_NxD.astype(jnp.float32),
+        k,
+        exclude_BxH,
+        precision=jax.lax.Precision.HIGHEST,
+    )
 
 
 def _resolve(impl: str) -> str:

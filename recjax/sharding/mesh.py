@@ -24,8 +24,11 @@ def make_mesh(num_devices: int | None = None, axes: tuple[str, ...] = ("data",))
     return jax.sharding.Mesh(devices, axes)
 
 
-def logical_to_spec(logical: tuple[str | None, ...], rules: Mapping[str, str | None] = DEFAULT_RULES,
-                    mesh: jax.sharding.Mesh | None = None) -> PartitionSpec:
+def logical_to_spec(
+    logical: tuple[str | None, ...],
+    rules: Mapping[str, str | None] = DEFAULT_RULES,
+    mesh: jax.sharding.Mesh | None = None,
+) -> PartitionSpec:
     names = mesh.axis_names if mesh is not None else None
     out = []
     for axis in logical:
@@ -49,6 +52,8 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dic
     out = {}
     for k, v in batch.items():
         if v.shape[0] % n:
-            raise ValueError(f"batch[{k!r}]: batch size {v.shape[0]} is not divisible by {n} data-parallel devices")
+            raise ValueError(
+                f"batch[{k!r}]: batch size {v.shape[0]} is not divisible by {n} data-parallel devices"
+            )
         out[k] = jax.device_put(v, batch_sharding(mesh))
     return out

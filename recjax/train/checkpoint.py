@@ -18,14 +18,20 @@ import orbax.checkpoint as ocp
 class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False,
-                                               create=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, *, force: bool = False) -> None:
+        """Saves ``state`` as ``step``, replacing a checkpoint of the same step (the trainer saves again at
+        the end of an epoch after validation changed the early-stopping state). The older checkpoint kept by
+        ``max_to_keep`` covers a kill between the delete and the new save."""
+        if int(step) in self._manager.all_steps():
+            self._manager.delete(int(step))
         self._manager.save(int(step), args=ocp.args.StandardSave(state), force=force)
         self._manager.wait_until_finished()
 

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import pathlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -88,8 +88,16 @@ def _loss(cfg: LossConfig, model, batch, rng):
     if cfg.name == "bce":
         return losses.bce_loss(hidden, batch["targets"], batch["mask"], table, rng)
     return losses.sampled_softmax_loss(
-        hidden, batch["targets"], batch["mask"], table, rng, num_negatives=cfg.num_negatives,
-        negatives=cfg.negatives, temperature=cfg.temperature, l2_normalize=model.config.l2_normalize)
+        hidden,
+        batch["targets"],
+        batch["mask"],
+        table,
+        rng,
+        num_negatives=cfg.num_negatives,
+        negatives=cfg.negatives,
+        temperature=cfg.temperature,
+        l2_normalize=model.config.l2_normalize,
+    )
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg: LossConfig) -> Callable:
@@ -102,23 +110,26 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg:
         # raises TraceContextError in flax 0.12).
         model = nnx.merge(graphdef, params, rest)
         (loss, metrics), grads = nnx.value_and_grad(
-            lambda m: _loss(loss_cfg, m, batch, rng), argnums=nnx.DiffState(0, nnx.Param), has_aux=True)(model)
+            lambda m: _loss(loss_cfg, m, batch, rng), argnums=nnx.DiffState(0, nnx.Param), has_aux=True
+        )(model)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
         return params, new_rest, opt_state, metrics
 
     return train_step
 
 
-def make_query_fn(graphdef_eval, params, rest) -> Callable[[Mapping[str, np.ndarray]], jax.Array]:
+def make_query_fn(graphdef_eval) -> Callable:
+    """Jitted (params, rest, inputs_BxL, mask_BxL) -> queries_BxD, built once per trainer."""
+
     @jax.jit
     def query(params, rest, inputs, mask):
         model = nnx.merge(graphdef_eval, params, rest)
         return model.user_embedding(model(inputs, mask))
 
-    return lambda batch: query(params, rest, jnp.asarray(batch["inputs"]), jnp.asarray(batch["mask"]))
+    return query
 
 
 def item_table(graphdef_eval, params, rest) -> jax.Array:
@@ -136,15 +147,26 @@ def _to_storable(tree):
 
 
 def _from_storable(stored, like):
-    return jax.tree.map(lambda s, x: jax.random.wrap_key_data(s, impl=jax.random.key_impl(x)) if _is_key(x) else s,
-                        stored, like)
+    return jax.tree.map(
+        lambda s, x: jax.random.wrap_key_data(s, impl=jax.random.key_impl(x)) if _is_key(x) else s,
+        stored,
+        like,
+    )
 
 
 class Trainer:
     """Trains ``model`` on a leave-one-out split; see module docstring."""
 
-    def __init__(self, model: nnx.Module, split: LeaveOneOut, cfg: TrainConfig, workdir: str | pathlib.Path,
-                 *, max_len: int, batch_iter: Callable[..., Iterator[dict]] | None = None):
+    def __init__(
+        self,
+        model: nnx.Module,
+        split: LeaveOneOut,
+        cfg: TrainConfig,
+        workdir: str | pathlib.Path,
+        *,
+        max_len: int,
+        batch_iter: Callable[..., Iterator[dict]] | None = None,
+    ):
         self.cfg, self.split, self.max_len = cfg, split, max_len
         self.workdir = pathlib.Path(workdir)
         self.mesh = mesh_lib.make_mesh(cfg.num_devices or None)
@@ -163,19 +185,37 @@ class Trainer:
         model.train()
         self.optimizer = make_optimizer(cfg)
         self.train_step = make_train_step(self.graphdef, self.optimizer, cfg.loss)
+        self.query = make_query_fn(self.graphdef_eval)
         repl = mesh_lib.replicated(self.mesh)
         params, rest = jax.device_put((params, rest), repl)
         self.state = {
-            "params": params, "rest": rest, "opt_state": self.optimizer.init(params),
-            "rng": jax.random.key(cfg.seed), "step": 0, "epoch": 0, "batch": 0,
-            "best_metric": -np.inf, "best_epoch": -1, "since_best": 0, "stopped": 0, "best_params": params,
+            "params": params,
+            "rest": rest,
+            "opt_state": self.optimizer.init(params),
+            "rng": jax.random.key(cfg.seed),
+            "step": 0,
+            "epoch": 0,
+            "batch": 0,
+            "best_metric": -np.inf,
+            "best_epoch": -1,
+            "since_best": 0,
+            "stopped": 0,
+            "best_params": params,
         }
         self.checkpointer = Checkpointer(self.workdir / "checkpoints")
         if self.checkpointer.latest_step() is not None:
             stored = self.checkpointer.restore(_to_storable(self.state))
             self.state = _from_storable(stored, self.state)
-            self.state = {k: (int(v) if k in ("step", "epoch", "batch", "best_epoch", "since_best", "stopped")
-                              else float(v) if k == "best_metric" else v) for k, v in self.state.items()}
+            self.state = {
+                k: (
+                    int(v)
+                    if k in ("step", "epoch", "batch", "best_epoch", "since_best", "stopped")
+                    else float(v)
+                    if k == "best_metric"
+                    else v
+                )
+                for k, v in self.state.items()
+            }
             self.resumed_from = self.state["step"]
         else:
             self.resumed_from = None
@@ -184,12 +224,19 @@ class Trainer:
     def evaluate(self, which: str, params=None) -> dict[str, float]:
         params = self.state["best_params" if which == "test" else "params"] if params is None else params
         examples = self.valid_examples if which == "valid" else self.test_examples
-        batches = (mesh_lib.shard_batch(b, self.mesh) for b in
-                   batching.batches(examples, self.cfg.eval_batch_size, shuffle=False))
+        batches = (
+            mesh_lib.shard_batch(b, self.mesh)
+            for b in batching.batches(examples, self.cfg.eval_batch_size, shuffle=False)
+        )
         rest = self.state["rest"]
-        return ranking.evaluate(make_query_fn(self.graphdef_eval, params, rest),
-                                item_table(self.graphdef_eval, params, rest), batches, ks=self.cfg.ks,
-                                impl=self.cfg.topk_impl)
+        query_fn = lambda b: self.query(params, rest, b["inputs"], b["mask"])  # noqa: E731
+        return ranking.evaluate(
+            query_fn,
+            item_table(self.graphdef_eval, params, rest),
+            batches,
+            ks=self.cfg.ks,
+            impl=self.cfg.topk_impl,
+        )
 
     def _save(self):
         self.checkpointer.save(self.state["step"], _to_storable(self.state), force=True)
@@ -203,16 +250,28 @@ class Trainer:
         t_start, epoch_times = time.time(), []
         while s["epoch"] < cfg.num_epochs and not s["stopped"]:
             epoch, t_epoch = s["epoch"], time.time()
-            it = self.batch_iter(self.train_examples, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                 drop_remainder=False)
-            bar = tqdm(total=steps_per_epoch, initial=s["batch"], desc=f"epoch {epoch}",
-                       disable=not cfg.progress, leave=False)
+            it = self.batch_iter(
+                self.train_examples,
+                cfg.batch_size,
+                shuffle=True,
+                seed=cfg.seed,
+                epoch=epoch,
+                drop_remainder=False,
+            )
+            bar = tqdm(
+                total=steps_per_epoch,
+                initial=s["batch"],
+                desc=f"epoch {epoch}",
+                disable=not cfg.progress,
+                leave=False,
+            )
             for i, batch in enumerate(it):
                 if i < s["batch"]:  # resuming inside an epoch: skip the batches already trained on
                     continue
                 rng = jax.random.fold_in(s["rng"], s["step"])
                 s["params"], s["rest"], s["opt_state"], metrics = self.train_step(
-                    s["params"], s["rest"], s["opt_state"], mesh_lib.shard_batch(batch, self.mesh), rng)
+                    s["params"], s["rest"], s["opt_state"], mesh_lib.shard_batch(batch, self.mesh), rng
+                )
                 s["step"] += 1
                 s["batch"] = i + 1
                 bar.update(1)
@@ -233,15 +292,22 @@ class Trainer:
                     s["since_best"] += 1
                 s["stopped"] = int(bool(cfg.patience) and s["since_best"] >= cfg.patience)
                 if cfg.progress:
-                    tqdm.write(f"epoch {epoch + 1}: valid {cfg.early_stop_metric}={score:.4f} "
-                               f"hr@10={valid['hr@10']:.4f} (best {s['best_metric']:.4f} @ {s['best_epoch']})")
+                    tqdm.write(
+                        f"epoch {epoch + 1}: valid {cfg.early_stop_metric}={score:.4f} "
+                        f"hr@10={valid['hr@10']:.4f} (best {s['best_metric']:.4f} @ {s['best_epoch']})"
+                    )
             self._save()
         test = self.evaluate("test")
         writer.write(s["step"], test, prefix="test/")
         writer.close()
         result = {
-            "test": test, "best_valid": s["best_metric"], "best_epoch": s["best_epoch"], "epochs": s["epoch"],
-            "steps": s["step"], "stopped_early": bool(s["stopped"]), "wall_s": time.time() - t_start,
+            "test": test,
+            "best_valid": s["best_metric"],
+            "best_epoch": s["best_epoch"],
+            "epochs": s["epoch"],
+            "steps": s["step"],
+            "stopped_early": bool(s["stopped"]),
+            "wall_s": time.time() - t_start,
             "s_per_epoch": float(np.median(epoch_times)) if epoch_times else float("nan"),
             "devices": f"{self.mesh.shape['data']} x {jax.devices()[0].platform}",
             "resumed_from_step": self.resumed_from,

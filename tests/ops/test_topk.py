@@ -11,8 +11,9 @@ def test_topk_matches_numpy(rng, impl):
     q = rng.normal(size=(b, d)).astype(np.float32)
     items = rng.normal(size=(n, d)).astype(np.float32)
     exclude = rng.integers(-1, n, size=(b, 7)).astype(np.int32)
-    scores, ids = topk_inner_product(jnp.asarray(q), jnp.asarray(items), k, exclude_BxH=jnp.asarray(exclude),
-                                     impl=impl)
+    scores, ids = topk_inner_product(
+        jnp.asarray(q), jnp.asarray(items), k, exclude_BxH=jnp.asarray(exclude), impl=impl
+    )
     full = q.astype(np.float64) @ items.T.astype(np.float64)
     for i in range(b):
         full[i, exclude[i][exclude[i] >= 0]] = -np.inf
