@@ -146,3 +146,12 @@ def test_hole_before_live_id_does_not_duplicate(impl, rng):
     evicted = slot == win[k, 0]  # the ID that lived in the freed slot comes back as a new ID
     assert np.array_equal(slot2[~evicted], slot[~evicted]) and (status2[evicted] == zch.STATUS_INSERTED).all()
     assert (new == -1).sum() == S - 200 and len(np.unique(slot2)) == 200
+
+
+@pytest.mark.parametrize("impl", ["pallas", "reference"])
+def test_window_not_a_multiple_of_the_probe_width(impl, rng):
+    """max_probe 5 with 8 probes read per step: probes past the window must be ignored (FULL, not slot 6)."""
+    ids = rng.choice(2**40, 80, replace=False).astype(np.int64)
+    table, slot, status = run(impl, np.full(S, -1, np.int64), ids, 32, 5)  # 32 buckets of 8 slots
+    n_full = check_invariants(np.full(S, -1, np.int64), table, ids, slot, status, 32, 5)
+    assert (status[slot < 0] == zch.STATUS_FULL).all() and n_full == (slot < 0).sum()
