@@ -232,6 +232,26 @@ def predict(scorer: Scorer, data: dict, batch: int = 4096) -> tuple[np.ndarray, 
     return np.concatenate(preds), np.concatenate(values)
 
 
+def rerank_ablation(scorer, cands_CxK, u_test, us_test, table, item_side, ex, n: int) -> dict:
+    """recall@n when the K retrieved candidates are ordered by one task prediction or by the value."""
+    c, k = cands_CxK.shape
+    ctx = np.repeat(np.arange(c), k)
+    items = np.maximum(cands_CxK.reshape(-1), 0)
+    data = {
+        "user_emb": u_test[ctx], "item_emb": table[items], "item_side": item_side[items],
+        "user_side": us_test[ctx], "labels": np.zeros((c * k, 3), np.float32),
+    }  # fmt: skip
+    preds, values = predict(scorer, data)
+    out = {}
+    for name, score in (("click", preds[:, 0]), ("rating", preds[:, 1]), ("long_watch", preds[:, 2]),
+                        ("value_model", values)):  # fmt: skip
+        score = np.where(cands_CxK.reshape(-1) > 0, score, -np.inf).reshape(c, k)
+        top = np.take_along_axis(cands_CxK, np.argsort(-score, axis=1, kind="stable")[:, :n], axis=1)
+        out[f"recall@{n}_{name}"] = recall_at(top, ex.targets_CxM)
+    out[f"recall@{n}_retrieval_score"] = recall_at(cands_CxK[:, :n], ex.targets_CxM)
+    return out
+
+
 def task_metrics(preds, ex: mt.MultiTaskExamples, rating_baseline: float) -> dict:
     observed = ex.labels_ExT[:, 0] > 0
     r_pred, r_true = preds[observed, 1], ex.labels_ExT[observed, 1]
@@ -338,6 +358,7 @@ def main(argv=None) -> dict:
         f"int8_candidates_vs_exact_top{k}": float(ann_recall),
         "pipeline_candidates_equal_exact_topk": bool((cands == exact_k).all()),
     }
+    results["rerank_by"] = rerank_ablation(scorer, cands, u_test, us_test, table, item_side, test_ex, n)
 
     # --- genre filter: every user asks for one genre; check against the exact filter
     genre = GENRES.index("Comedy")
