@@ -372,9 +372,10 @@ def bench_breakdown(n_tok, d, e, k, blocks, dtype, ceiling, iters):
             2 * a_f,
         ),
     ]
+    used = int((plan.tile_expert_T < e).sum()) * blocks.bm
     print(
-        f"\n# fused stages, L={n_tok} d={d} E={e} k={k} F={f}, P={p_rows} padded rows "
-        f"({p_rows / (n_tok * k):.2f}x the assignments); routed-row FLOPs"
+        f"\n# fused stages, L={n_tok} d={d} E={e} k={k} F={f}: {p_rows} padded rows allocated, {used} in "
+        f"expert tiles ({used / (n_tok * k):.3f}x the assignments); TFLOP/s over the routed rows"
     )
     total = 0.0
     for name, fn, args, flops in stages:
