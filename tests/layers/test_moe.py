@@ -174,3 +174,24 @@ def test_grouped_matmul_op_xla_matches_reference(rng):
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+def test_sasrec_block_takes_moe_ffn(rng):
+    """The SASRec ffn hook builds this layer; padded positions are dropped from routing."""
+    from recjax.models.sasrec import SASRec, SASRecConfig
+
+    cfg = SASRecConfig(
+        num_items=30,
+        max_len=8,
+        embed_dim=16,
+        ffn="moe",
+        ffn_hidden_dim=32,
+        ffn_options=(("num_experts", 4), ("top_k", 2), ("impl", "xla")),
+    )
+    model = SASRec(cfg, rngs=nnx.Rngs(0))
+    inputs = jnp.asarray(rng.integers(1, 31, (2, 8)), jnp.int32).at[0, :3].set(0)
+    hidden = model(inputs, inputs > 0)
+    assert hidden.shape == (2, 8, 16) and np.isfinite(np.asarray(hidden)).all()
+    loads = [np.asarray(v[...]) for v in jax.tree.leaves(nnx.state(model, moe.MoEStats))]
+    assert len(loads) == cfg.num_blocks and all(load.sum() == 13 * 2 for load in loads)
+    assert float(moe.collect_aux_loss(model)) > 0
