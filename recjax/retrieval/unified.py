@@ -333,7 +333,9 @@ def scorer_loss(
 
 def make_scorer_train_step(graphdef, optimizer: optax.GradientTransformation, **loss_kwargs) -> Callable:
     """(params, rest, opt_state, batch) -> (params, opt_state, metrics); pure and jitted. ``graphdef``,
-    ``params``, ``rest`` from ``nnx.split(scorer, nnx.Param, ...)``: fixed value weights stay in ``rest``."""
+    ``params``, ``rest`` from ``nnx.split(scorer, nnx.Param, ...)``: fixed value weights stay in ``rest``.
+    The scorer has no mutable state (no dropout / batch statistics), so ``rest`` is read, never updated;
+    a scorer with dropout would need the ``nnx.value_and_grad`` pattern of recjax/train/trainer.py."""
 
     @jax.jit
     def step(params, rest, opt_state, batch):
