@@ -17,6 +17,7 @@ from recjax.retrieval.unified import (
     UnifiedModel,
     UnifiedRetrieval,
     make_scorer_train_step,
+    tower_index,
 )
 from recjax.retrieval.value_model import ValueModel, ValueModelConfig
 
@@ -260,6 +261,45 @@ def test_scorer_train_step_learns_and_keeps_fixed_value_weights(rng, system):
         assert not np.allclose(np.asarray(after.values_BxN), np.asarray(before.values_BxN))
     finally:
         ur.state = old_state
+
+
+def test_real_sequence_model_as_tower(rng):
+    """A recjax SASRec (dropout on in training) as the tower: served in eval mode, deterministic, and the
+    retrieval stage ranks its normalised candidate table by its normalised user embedding."""
+    from recjax.models.registry import build_model
+
+    def make():
+        rngs = nnx.Rngs(params=1, dropout=2)
+        tower = build_model("sasrec", NUM_ITEMS, rngs=rngs, max_len=L, embed_dim=D, num_blocks=1,
+                            ffn_hidden_dim=D, dropout=0.5)  # fmt: skip
+        return UnifiedModel(tower, _make_scorer(rngs))
+
+    model = nnx.jit(make)()
+    side = rng.random((NUM_ITEMS + 1, S)).astype(np.float32)
+    index = tower_index(model.tower, side_NxS=side, fresh_capacity=F, id_capacity=V)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(index.main.emb_NxD)[1:], axis=1), 1.0, rtol=1e-5)
+    ur = UnifiedRetrieval(model, UnifiedConfig(k=10, n_final=4, topk_impl="xla"))
+    inputs, mask, allowed, user_side = _requests(rng)
+    args = dict(allowed=allowed, exclude_BxH=inputs, user_side_BxU=user_side)
+    first, second = ur(index, inputs, mask, **args), ur(index, inputs, mask, **args)
+    np.testing.assert_array_equal(np.asarray(first.ids_BxN), np.asarray(second.ids_BxN))
+    np.testing.assert_array_equal(np.asarray(first.values_BxN), np.asarray(second.values_BxN))
+    scores, ids = np.asarray(first.candidate_scores_BxK), np.asarray(first.candidate_ids_BxK)
+    model.tower.eval()  # the reference: an explicitly eval-mode forward of the same tower
+    tower_def, tower_state = nnx.split(model.tower)
+    user = np.asarray(
+        jax.jit(lambda st, x, m: (lambda t: t.user_embedding(t(x, m)))(nnx.merge(tower_def, st)))(
+            tower_state, inputs, mask
+        )
+    )
+    table = np.asarray(index.main.emb_NxD)
+    want = np.einsum("bd,bkd->bk", user, table[np.maximum(ids, 0)])
+    np.testing.assert_allclose(scores[ids >= 0], want[ids >= 0], rtol=1e-4, atol=1e-5)
+    assert (np.diff(np.where(ids >= 0, scores, -2.0), axis=1) <= 1e-6).all() and (
+        scores[ids >= 0] <= 1 + 1e-5
+    ).all()
+    rows = np.repeat(np.arange(B)[:, None], ids.shape[1], 1)
+    assert allowed[rows[ids >= 0], ids[ids >= 0]].all()
 
 
 def test_bad_inputs_rejected(rng, system):
