@@ -201,22 +201,30 @@ def test_bloom_filter_inside_the_pipeline_equals_exact_mask(rng, system):
 
 
 def test_int8_retrieval_respects_filter(rng, system):
+    """The filtered Int8 ANN op inside the one-jit pipeline: XLA int8 path and the fused Pallas kernel
+    (interpret mode off GPU) agree, respect the filter and find the exact candidates."""
     ur_exact, index = system
-    ur8 = UnifiedRetrieval(ur_exact.model(), UnifiedConfig(k=12, n_final=5, retrieval="int8", ann_impl="xla"))
     inputs, mask, allowed, user_side = _requests(rng)
-    out8 = ur8(index, inputs, mask, allowed=allowed, user_side_BxU=user_side)
     out = ur_exact(index, inputs, mask, allowed=allowed, exclude_BxH=np.zeros((B, 1), np.int32),
                    user_side_BxU=user_side)  # fmt: skip
-    c8, c = np.asarray(out8.candidate_ids_BxK), np.asarray(out.candidate_ids_BxK)
-    rows = np.repeat(np.arange(B)[:, None], c8.shape[1], 1)
-    assert allowed[rows[c8 >= 0], c8[c8 >= 0]].all()
-    recall = np.mean(
-        [
-            len(np.intersect1d(a[a >= 0], b[b >= 0])) / max((b >= 0).sum(), 1)
-            for a, b in zip(c8, c, strict=True)
-        ]
+    c = np.asarray(out.candidate_ids_BxK)
+    got = {}
+    for impl in ("xla", "pallas"):
+        ur8 = UnifiedRetrieval(
+            ur_exact.model(), UnifiedConfig(k=12, n_final=5, retrieval="int8", ann_impl=impl)
+        )
+        c8 = got[impl] = np.asarray(
+            ur8(index, inputs, mask, allowed=allowed, user_side_BxU=user_side).candidate_ids_BxK
+        )
+        rows = np.repeat(np.arange(B)[:, None], c8.shape[1], 1)
+        assert allowed[rows[c8 >= 0], c8[c8 >= 0]].all(), impl
+        recall = np.mean([len(np.intersect1d(a[a >= 0], b[b >= 0])) / max((b >= 0).sum(), 1)
+                          for a, b in zip(c8, c, strict=True)])  # fmt: skip
+        assert recall >= 0.8, (impl, recall)
+    same = np.mean(
+        [len(np.intersect1d(a, b)) / len(a) for a, b in zip(got["xla"], got["pallas"], strict=True)]
     )
-    assert recall >= 0.8, recall
+    assert same >= 0.9, same  # the kernel's per-bin selection may drop a rare tie-level candidate
 
 
 def test_scorer_train_step_learns_and_keeps_fixed_value_weights(rng, system):
