@@ -156,7 +156,9 @@ def _gather_rows(ref, tok, valid, n_valid_rows, cols):
 
 
 def _up_kernel(token_ref, tile_expert_ref, x_ref, wg_ref, *rest, n_tok, num_experts, blocks, activation):
-    wu_ref, h_ref = rest if activation == "swiglu" else (None, rest[0])
+    rest = list(rest)
+    wu_ref = rest.pop(0) if activation == "swiglu" else None
+    h_ref, pre_refs = rest[0], rest[1:]  # pre_refs: saved a (and b) when not recomputing
     bm, bn, bk = blocks.bm, blocks.bn, blocks.bk
     i, j = pl.program_id(0), pl.program_id(1)
     e = tile_expert_ref[i]
@@ -181,10 +183,13 @@ def _up_kernel(token_ref, tile_expert_ref, x_ref, wg_ref, *rest, n_tok, num_expe
         else:
             h = _silu(a) * b if wu_ref is not None else _silu(a)
         h_ref[...] = h.astype(h_ref.dtype)
+        for ref, v in zip(pre_refs, (a, b), strict=False):
+            ref[...] = v.astype(ref.dtype)
 
     @pl.when(e >= num_experts)
     def _():
-        h_ref[...] = jnp.zeros((bm, bn), h_ref.dtype)
+        for ref in (h_ref, *pre_refs):
+            ref[...] = jnp.zeros((bm, bn), ref.dtype)
 
 
 def _combine_kernel(
@@ -233,11 +238,17 @@ def _bwd_act_kernel(
     num_experts,
     blocks,
     activation,
+    saved,
 ):
-    if activation == "swiglu":
-        wu_ref, w2_ref, da_ref, db_ref, h_ref, dw_ref = rest
-    else:
-        (w2_ref, da_ref, h_ref, dw_ref), wu_ref, db_ref = rest, None, None
+    swiglu = activation == "swiglu"
+    rest = list(rest)
+    wu_ref = rest.pop(0) if swiglu else None
+    w2_ref = rest.pop(0)
+    a_in = rest.pop(0) if saved else None  # saved pre-activations (no recompute)
+    b_in = rest.pop(0) if saved and swiglu else None
+    da_ref = rest.pop(0)
+    db_ref = rest.pop(0) if swiglu else None
+    h_ref, dw_ref = rest
     bm, bn, bk = blocks.bm, blocks.bn, blocks.bk
     i, j = pl.program_id(0), pl.program_id(1)
     e = tile_expert_ref[i]
@@ -248,11 +259,13 @@ def _bwd_act_kernel(
 
     @pl.when(e < num_experts)
     def _():
-        def body(kk, acc):
-            acc_a, acc_b, acc_g = acc
+        def body(kk, acc, recompute=True):
             chunk = pl.ds(kk * bk, bk)
-            xk = _gather_rows(x_ref, tok, valid, n_tok, chunk)
             dyk = _gather_rows(dy_ref, tok, valid, n_tok, chunk)
+            if not recompute:
+                return acc + _dot(dyk, w2_ref[e, cols, chunk], trans_b=True)
+            acc_a, acc_b, acc_g = acc
+            xk = _gather_rows(x_ref, tok, valid, n_tok, chunk)
             acc_a += _dot(xk, wg_ref[e, chunk, cols])
             if wu_ref is not None:
                 acc_b += _dot(xk, wu_ref[e, chunk, cols])
@@ -260,7 +273,12 @@ def _bwd_act_kernel(
             return acc_a, acc_b, acc_g
 
         zero = jnp.zeros((bm, bn), jnp.float32)
-        a, b, g = jax.lax.fori_loop(0, x_ref.shape[1] // bk, body, (zero, zero, zero))
+        if saved:
+            g = jax.lax.fori_loop(0, dy_ref.shape[1] // bk, lambda kk, acc: body(kk, acc, False), zero)
+            a = a_in[pl.ds(i * bm, bm), cols].astype(jnp.float32)
+            b = b_in[pl.ds(i * bm, bm), cols].astype(jnp.float32) if swiglu else zero
+        else:
+            a, b, g = jax.lax.fori_loop(0, x_ref.shape[1] // bk, body, (zero, zero, zero))
         sig = jax.nn.sigmoid(a)
         silu = a * sig
         dsilu = sig * (1.0 + a * (1.0 - sig))
@@ -338,26 +356,29 @@ def _check_blocks(d, f, blocks):
                 raise ValueError(f"{name}={dim} must be a multiple of blocks.{b}={getattr(blocks, b)}")
 
 
-def expert_up(plan, x_LxD, wg_ExDxF, wu_ExDxF, *, blocks, activation, interpret):
-    """h_PxF: rows gathered by ``plan.token_P``; activation "swiglu", "silu" or "linear" (plain GEMM)."""
+def expert_up(plan, x_LxD, wg_ExDxF, wu_ExDxF, *, blocks, activation, interpret, save_preact=False):
+    """h_PxF: rows gathered by ``plan.token_P``; activation "swiglu", "silu" or "linear" (plain GEMM).
+    ``save_preact``: also return the pre-activations [a_PxF, (b_PxF)] for a backward without recompute."""
     n_tok, d = x_LxD.shape
     num_experts, _, f = wg_ExDxF.shape
     p_rows = plan.token_P.shape[0]
     ws = (wg_ExDxF, wu_ExDxF) if activation == "swiglu" else (wg_ExDxF,)
+    n_pre = len(ws) if save_preact else 0
     kernel = functools.partial(
         _up_kernel, n_tok=n_tok, num_experts=num_experts, blocks=blocks, activation=activation
     )
-    return pl.pallas_call(
+    outs = pl.pallas_call(
         kernel,
         grid=(p_rows // blocks.bm, f // blocks.bn),
         in_specs=[_whole(plan.token_P.shape), _whole(plan.tile_expert_T.shape), _whole(x_LxD.shape)]
         + [_whole(w.shape) for w in ws],
-        out_specs=pl.BlockSpec((blocks.bm, blocks.bn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((p_rows, f), x_LxD.dtype),
+        out_specs=[pl.BlockSpec((blocks.bm, blocks.bn), lambda i, j: (i, j))] * (1 + n_pre),
+        out_shape=[jax.ShapeDtypeStruct((p_rows, f), x_LxD.dtype)] * (1 + n_pre),
         compiler_params=_params(blocks),
         interpret=interpret,
         name="moe_expert_up",
     )(plan.token_P, plan.tile_expert_T, x_LxD, *ws)
+    return (outs[0], outs[1:]) if save_preact else outs[0]
 
 
 def expert_combine(plan, lhs, ws, n_tok, *, blocks, transpose_w, scale, interpret):
@@ -384,15 +405,22 @@ def expert_combine(plan, lhs, ws, n_tok, *, blocks, transpose_w, scale, interpre
     return y[:n_tok]
 
 
-def expert_bwd_act(plan, x_LxD, dy_LxD, wg, wu, w2, *, blocks, activation, interpret):
+def expert_bwd_act(plan, x_LxD, dy_LxD, wg, wu, w2, *, blocks, activation, interpret, saved_preact=()):
+    """(da[, db]), h, dweight partials; ``saved_preact`` = [a, (b)] from the forward skips their recompute."""
     n_tok, _ = x_LxD.shape
     num_experts, _, f = wg.shape
     p_rows = plan.token_P.shape[0]
     nf = f // blocks.bn
     ws = (wg, w2) if activation == "silu" else (wg, wu, w2)
     n_act = 1 if activation == "silu" else 2
+    ws = (*ws, *saved_preact)
     kernel = functools.partial(
-        _bwd_act_kernel, n_tok=n_tok, num_experts=num_experts, blocks=blocks, activation=activation
+        _bwd_act_kernel,
+        n_tok=n_tok,
+        num_experts=num_experts,
+        blocks=blocks,
+        activation=activation,
+        saved=bool(saved_preact),
     )
     tile = pl.BlockSpec((blocks.bm, blocks.bn), lambda i, j: (i, j))
     outs = pl.pallas_call(
@@ -449,27 +477,31 @@ def expert_tgmm(
     )(*args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _moe_ffn(x, expert_ids, weights, wg, wu, w2, blocks, activation, interpret):
-    return _moe_ffn_fwd(x, expert_ids, weights, wg, wu, w2, blocks, activation, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _moe_ffn(x, expert_ids, weights, wg, wu, w2, blocks, activation, interpret, recompute):
+    return _moe_ffn_fwd(x, expert_ids, weights, wg, wu, w2, blocks, activation, interpret, recompute)[0]
 
 
-def _moe_ffn_fwd(x, expert_ids, weights, wg, wu, w2, blocks, activation, interpret):
+def _moe_ffn_fwd(x, expert_ids, weights, wg, wu, w2, blocks, activation, interpret, recompute):
     n_tok = x.shape[0]
     plan = make_dispatch_plan(expert_ids, weights, wg.shape[0], blocks.bm)
-    h = expert_up(plan, x, wg, wu, blocks=blocks, activation=activation, interpret=interpret)
+    common = dict(blocks=blocks, activation=activation, interpret=interpret)
+    if recompute:
+        h, pre = expert_up(plan, x, wg, wu, **common), ()
+    else:
+        h, pre = expert_up(plan, x, wg, wu, save_preact=True, **common)
     y = expert_combine(
         plan, [h], [w2], n_tok, blocks=blocks, transpose_w=False, scale=True, interpret=interpret
     )
-    # Saved: the inputs (already alive) and the int index maps; no (P, F) activation is kept.
-    return y.astype(x.dtype), (x, expert_ids, wg, wu, w2, plan)
+    # Saved: the inputs (already alive), the index maps and, only without recompute, a (and b).
+    return y.astype(x.dtype), (x, expert_ids, wg, wu, w2, plan, tuple(pre))
 
 
-def _moe_ffn_bwd(blocks, activation, interpret, res, dy):
-    x, expert_ids, wg, wu, w2, plan = res
+def _moe_ffn_bwd(blocks, activation, interpret, recompute, res, dy):
+    x, expert_ids, wg, wu, w2, plan, pre = res
     n_tok, num_experts = x.shape[0], wg.shape[0]
     acts, h, dw_PxNf = expert_bwd_act(
-        plan, x, dy, wg, wu, w2, blocks=blocks, activation=activation, interpret=interpret
+        plan, x, dy, wg, wu, w2, blocks=blocks, activation=activation, interpret=interpret, saved_preact=pre
     )
     common = dict(blocks=blocks, interpret=interpret)
     (dw2,) = expert_tgmm(
@@ -517,13 +549,15 @@ def moe_ffn(
     activation: str = "swiglu",
     blocks: Blocks = Blocks(),
     interpret: bool = False,
+    recompute: bool = True,
 ) -> jax.Array:
     """y[t] = sum_s weights[t, s] * FFN_{expert_ids[t, s]}(x[t]) with index dispatch and fused kernels.
 
     ``expert_ids == E`` marks a dropped assignment (padding token, over capacity): no compute, no output.
 
     FFN_e(x) = (SiLU(x Wg_e) * (x Wu_e)) Wd_e for "swiglu", SiLU(x Wg_e) Wd_e for "silu" (``w_up`` unused,
-    may be None). Differentiable in x, weights and the three expert weight tensors.
+    may be None). Differentiable in x, weights and the three expert weight tensors. ``recompute=False``
+    saves the pre-activations a (and b), 2 P x F, so the backward skips two GEMMs.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
@@ -538,6 +572,7 @@ def moe_ffn(
         blocks,
         activation,
         interpret,
+        recompute,
     )
 
 

@@ -90,12 +90,12 @@ def _gshard(x, ids, w, wg, wu, w2, group=1024, cf=1.25):
     return jnp.einsum("gsec,egcd->gsd", combine, ye).reshape(n_tok, d)
 
 
-def jax_layer(impl, k, blocks):
+def jax_layer(impl, k, blocks, recompute=True):
     def layer(x, wr, wg, wu, w2):
         ids, w = _route(x, wr, k)
         if impl == "gshard":
             return _gshard(x, ids, w, wg, wu, w2)
-        return gmm_ops.moe_expert_ffn(x, ids, w, wg, wu, w2, impl=impl, blocks=blocks)
+        return gmm_ops.moe_expert_ffn(x, ids, w, wg, wu, w2, impl=impl, blocks=blocks, recompute=recompute)
 
     return layer
 
@@ -234,7 +234,8 @@ def bench_layer(configs, n_tok, impls, blocks, dtype, ceiling, iters, has_torch)
                     sec, mem = torch_layer_time(*args, k, iters=iters)
                 else:
                     b = ALT_BLOCKS if impl == "pallas_alt" else blocks
-                    fn = fwd_bwd(jax_layer("pallas" if impl == "pallas_alt" else impl, k, b))
+                    base = {"pallas_alt": "pallas", "pallas_saved": "pallas"}.get(impl, impl)
+                    fn = fwd_bwd(jax_layer(base, k, b, recompute=impl != "pallas_saved"))
                     mem = _temp_bytes(fn, *args)
                     sec = _time(fn, *args, warmup=1, iters=iters)
                 tf = flops / sec / 1e12
@@ -416,6 +417,7 @@ def main(argv=None):
     impl_names = {
         "fused": "pallas",
         "fused_alt": "pallas_alt",
+        "fused_saved": "pallas_saved",
         "ragged": "xla",
         "gshard": "gshard",
         "torch": "torch",

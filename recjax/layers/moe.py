@@ -49,6 +49,7 @@ class MoEConfig:
     z_loss_weight: float = 1e-3
     impl: str = "auto"  # recjax.ops.grouped_matmul impl
     compute_dtype: str | None = None  # e.g. "bfloat16"; None: the input's dtype
+    recompute: bool = True  # fused path: recompute expert pre-activations in the backward (saves 2 L k F)
 
     def __post_init__(self):
         for name in ("d_model", "ffn_dim", "num_experts", "top_k"):
@@ -169,7 +170,9 @@ class MoEFeedForward(nnx.Module):
             self.w_down[...].astype(dtype),
         )
         if self.mesh is None:
-            y_LxD = gmm_ops.moe_expert_ffn(*args, activation=cfg.activation, impl=cfg.impl)
+            y_LxD = gmm_ops.moe_expert_ffn(
+                *args, activation=cfg.activation, impl=cfg.impl, recompute=cfg.recompute
+            )
         else:
             y_LxD = moe_dispatch.expert_parallel_ffn(
                 *args,

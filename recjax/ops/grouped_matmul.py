@@ -124,8 +124,10 @@ def moe_expert_ffn(
     activation: str = "swiglu",
     impl: str = "auto",
     blocks: Blocks | None = None,
+    recompute: bool = True,
 ) -> jax.Array:
-    """y_LxD (x's dtype) = sum_k weights * expert FFN; expert ids within a row must be distinct."""
+    """y_LxD (x's dtype) = sum_k weights * expert FFN; expert ids within a row must be distinct.
+    ``recompute`` (Pallas only): the backward recomputes the expert pre-activations instead of saving them."""
     validate_ffn_inputs(
         x_LxD, expert_ids_LxK, weights_LxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, activation
     )
@@ -138,7 +140,7 @@ def moe_expert_ffn(
     if blocks is None:
         blocks = default_blocks(x_LxD.shape[1], w_gate_ExDxF.shape[2], x_LxD.shape[0])
     interpret = not pallas_supported()
-    return gm.moe_ffn(*args, activation=activation, blocks=blocks, interpret=interpret)
+    return gm.moe_ffn(*args, activation=activation, blocks=blocks, interpret=interpret, recompute=recompute)
 
 
 def grouped_matmul(

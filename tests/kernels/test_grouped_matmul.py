@@ -74,10 +74,14 @@ def test_dispatch_plan_invariants(rng, kind, k):
 
 
 @pytest.mark.parametrize(
-    "activation,kind,k",
-    [("swiglu", "ragged_empty_dropped", 2), ("silu", "all_to_one", 1)],
+    "activation,kind,k,recompute",
+    [
+        ("swiglu", "ragged_empty_dropped", 2, True),
+        ("silu", "all_to_one", 1, True),
+        ("swiglu", "random", 2, False),
+    ],
 )
-def test_moe_ffn_matches_reference_with_gradients(rng, activation, kind, k):
+def test_moe_ffn_matches_reference_with_gradients(rng, activation, kind, k, recompute):
     ids, w = _routing(rng, kind, k)
     x, wg, wu, w2 = _params(rng, activation)
     cot = jnp.asarray(rng.normal(size=(L, D)), jnp.float32)
@@ -92,7 +96,7 @@ def test_moe_ffn_matches_reference_with_gradients(rng, activation, kind, k):
 
         return run(x, w, wg, wu, w2)
 
-    fused = functools.partial(gm.moe_ffn, blocks=BLOCKS, interpret=True)
+    fused = functools.partial(gm.moe_ffn, blocks=BLOCKS, interpret=True, recompute=recompute)
     y, grads = outputs_and_grads(fused)
     y_ref, grads_ref = outputs_and_grads(gm.moe_ffn_reference)
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-4, atol=1e-4)
