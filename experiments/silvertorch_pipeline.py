@@ -1,7 +1,8 @@
 """SilverTorch unified retrieval on MovieLens-100K: user tower -> filtered top-K -> OverArch -> heads ->
 Value Model -> top-N, trained and evaluated end to end on CPU in a few minutes.
 
-    PYTHONPATH=. python experiments/silvertorch_pipeline.py [--tower sasrec|hstu] [--small] [--out DIR]
+    PYTHONPATH=. python experiments/silvertorch_pipeline.py [--tower sasrec|hstu] [--dataset ml-100k|ml-1m]
+        [--small] [--out DIR]
 
 Steps:
 1. Multi-task split of ML-100K (recjax/retrieval/multitask_data.py): per user the last 5 ratings are the
@@ -35,7 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from recjax.data.movielens import GENRES, load_ml100k
+from recjax.data.movielens import GENRES, load_ml1m_sequential, load_ml100k
 from recjax.models.registry import build_model
 from recjax.ops.topk import topk_inner_product
 from recjax.retrieval import fresh_index as fi
@@ -56,6 +57,10 @@ from recjax.train.trainer import LossConfig, make_train_step
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tower", default="sasrec", choices=["sasrec", "hstu"])
+    p.add_argument(
+        "--dataset", default="ml-100k", choices=["ml-100k", "ml-1m"],
+        help="ml-1m: the SASRec form (no ratings): click-only labels, value = click",
+    )  # fmt: skip
     p.add_argument("--small", action="store_true", help="tiny run (a few epochs, 200 users) for tests")
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--dim", type=int, default=32)
@@ -232,7 +237,7 @@ def predict(scorer: Scorer, data: dict, batch: int = 4096) -> tuple[np.ndarray, 
     return np.concatenate(preds), np.concatenate(values)
 
 
-def rerank_ablation(scorer, cands_CxK, u_test, us_test, table, item_side, ex, n: int) -> dict:
+def rerank_ablation(scorer, cands_CxK, u_test, us_test, table, item_side, ex, n: int, rated: bool) -> dict:
     """recall@n when the K retrieved candidates are ordered by one task prediction or by the value."""
     c, k = cands_CxK.shape
     ctx = np.repeat(np.arange(c), k)
@@ -243,8 +248,10 @@ def rerank_ablation(scorer, cands_CxK, u_test, us_test, table, item_side, ex, n:
     }  # fmt: skip
     preds, values = predict(scorer, data)
     out = {}
-    for name, score in (("click", preds[:, 0]), ("rating", preds[:, 1]), ("long_watch", preds[:, 2]),
-                        ("value_model", values)):  # fmt: skip
+    orders = [("click", preds[:, 0]), ("value_model", values)]
+    if rated:  # the rating / long-watch heads are trained only on rated data
+        orders += [("rating", preds[:, 1]), ("long_watch", preds[:, 2])]
+    for name, score in orders:
         score = np.where(cands_CxK.reshape(-1) > 0, score, -np.inf).reshape(c, k)
         top = np.take_along_axis(cands_CxK, np.argsort(-score, axis=1, kind="stable")[:, :n], axis=1)
         out[f"recall@{n}_{name}"] = recall_at(top, ex.targets_CxM)
@@ -253,10 +260,13 @@ def rerank_ablation(scorer, cands_CxK, u_test, us_test, table, item_side, ex, n:
 
 
 def task_metrics(preds, ex: mt.MultiTaskExamples, rating_baseline: float) -> dict:
+    out = {"click_auc": auc(preds[:, 0], ex.labels_ExT[:, 0])}
+    if not ex.label_mask_ExT[:, 1].any():  # no ratings in the dataset: click only
+        return out
     observed = ex.labels_ExT[:, 0] > 0
     r_pred, r_true = preds[observed, 1], ex.labels_ExT[observed, 1]
     return {
-        "click_auc": auc(preds[:, 0], ex.labels_ExT[:, 0]),
+        **out,
         "long_watch_auc": auc(preds[:, 2], ex.labels_ExT[:, 2]),
         "long_watch_auc_observed": auc(preds[observed, 2], ex.labels_ExT[observed, 2]),
         "rating_rmse": float(np.sqrt(np.mean((r_pred - r_true) ** 2))),
@@ -287,11 +297,13 @@ def serve_all(ur: UnifiedRetrieval, index, ex: mt.MultiTaskExamples, user_side_C
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t0 = time.time()
-    dataset = load_ml100k(args.data_dir)
+    load = load_ml100k if args.dataset == "ml-100k" else load_ml1m_sequential
+    dataset = load(args.data_dir)
     if args.small:
+        cut = lambda x: None if x is None else x[:200]  # noqa: E731
         dataset = dataclasses.replace(
-            dataset, sequences=dataset.sequences[:200], ratings=dataset.ratings[:200],
-            timestamps=dataset.timestamps[:200],
+            dataset, sequences=dataset.sequences[:200], ratings=cut(dataset.ratings),
+            timestamps=cut(dataset.timestamps),
             user_features={k: v[:200] for k, v in dataset.user_features.items()},
         )  # fmt: skip
     split_cfg = mt.MultiTaskSplitConfig(max_len=args.max_len, seed=args.seed)
@@ -318,12 +330,16 @@ def main(argv=None) -> dict:
     test_hard = mt.add_negatives(test_ex, dataset, test_pool, args.hard, seed=args.seed + 1)
 
     tasks = mt.TASKS
-    rating_mean = float(train_ex.labels_ExT[train_ex.label_mask_ExT[:, 1], 1].mean())
+    rated = train_ex.label_mask_ExT[:, 1]
+    rating_mean = float(train_ex.labels_ExT[rated, 1].mean()) if rated.any() else 0.0
     oa_cfg = OverArchConfig(
         args.dim, tasks, item_side_dim=item_side.shape[1], user_side_dim=user_side.shape[1],
         hidden_dims=(128, 64), head_dim=32,
     )  # fmt: skip
-    vm_cfg = ValueModelConfig((1.0, 0.2, 0.5), offsets=(0.0, rating_mean, 0.0), mode="linear")
+    if rated.any():
+        vm_cfg = ValueModelConfig((1.0, 0.2, 0.5), offsets=(0.0, rating_mean, 0.0), mode="linear")
+    else:  # click-only data: the rating / long-watch heads are never trained, so they get weight 0
+        vm_cfg = ValueModelConfig((1.0, 0.0, 0.0), mode="fixed")
     scorer = nnx.jit(
         lambda: Scorer(OverArch(oa_cfg, rngs=nnx.Rngs(args.seed)), ValueModel(vm_cfg, rngs=nnx.Rngs(0)))
     )()
@@ -331,7 +347,7 @@ def main(argv=None) -> dict:
     data = scorer_batches(train_ex, u_train, us_train, table, item_side)
     scorer, last = train_scorer(args, scorer, data)
     print(f"[{time.time() - t0:6.1f}s] scorer trained: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items()))
-    w = np.asarray(scorer.value_model.w_T[...])
+    w = np.asarray(scorer.value_model.w_T[...]).tolist()
     value_formula = (f"value = {float(scorer.value_model.b[...]):+.3f} + {w[0]:+.3f} p_click "
                      f"{w[1]:+.3f} (rating - {rating_mean:.2f}) {w[2]:+.3f} p_long_watch")  # fmt: skip
 
@@ -358,7 +374,9 @@ def main(argv=None) -> dict:
         f"int8_candidates_vs_exact_top{k}": float(ann_recall),
         "pipeline_candidates_equal_exact_topk": bool((cands == exact_k).all()),
     }
-    results["rerank_by"] = rerank_ablation(scorer, cands, u_test, us_test, table, item_side, test_ex, n)
+    results["rerank_by"] = rerank_ablation(
+        scorer, cands, u_test, us_test, table, item_side, test_ex, n, bool(rated.any())
+    )
 
     # --- genre filter: every user asks for one genre; check against the exact filter
     genre = GENRES.index("Comedy")

@@ -14,6 +14,8 @@ Labels per example (tasks ``TASKS``):
   stands in for "watched to the end".
 - value target: ``click * rating / 5`` (0 for negatives, 0.2..1 for watched items): the satisfaction a
   recommendation brings, what the learned Value Model regresses.
+Without ratings (e.g. the SASRec-form MovieLens-1M) only ``click`` is labelled: ``rating`` and
+``long_watch`` are masked out everywhere and the value target is ``click``.
 Negatives: ``num_negatives`` per positive, uniform over items the user never rated (any time), so no
 negative is a hidden positive. ``add_negatives`` adds more from a caller's pool (e.g. the tower's own top-K,
 the candidates the OverArch must reorder at serving time).
@@ -77,11 +79,14 @@ class MultiTaskExamples:
         return len(self.user_C)
 
 
-def _labels(ratings_E: np.ndarray, positive_E: np.ndarray):
+def _labels(ratings_E: np.ndarray, positive_E: np.ndarray, has_ratings: bool = True):
     e = len(ratings_E)
     labels = np.zeros((e, len(TASKS)), np.float32)
     mask = np.ones((e, len(TASKS)), bool)
     labels[:, 0] = positive_E
+    if not has_ratings:  # click only: rating and long-watch undefined, value = click
+        mask[:, 1:] = False
+        return labels, mask, positive_E.astype(np.float32)
     labels[:, 1] = np.where(positive_E, ratings_E, 0.0)
     mask[:, 1] = positive_E
     labels[:, 2] = positive_E & (ratings_E >= LONG_WATCH_MIN_RATING)
@@ -120,7 +125,8 @@ def _build(dataset, cuts, cfg, rng) -> MultiTaskExamples:
     inputs, hist, targets, users = [], [], [], []
     ctx, items, ratings, positive = [], [], [], []
     for c, (u, start, stop) in enumerate(cuts):
-        seq, rat = dataset.sequences[u], dataset.ratings[u]
+        seq = dataset.sequences[u]
+        rat = np.zeros(len(seq), np.float32) if dataset.ratings is None else dataset.ratings[u]
         inputs.append(seq[:start])
         hist.append(seq[:start])
         targets.append(seq[start:stop])
@@ -133,7 +139,9 @@ def _build(dataset, cuts, cfg, rng) -> MultiTaskExamples:
         positive.append(np.concatenate([np.ones(len(pos), bool), np.zeros(len(neg), bool)]))
     inputs_CxL = _pad_rows(inputs, cfg.max_len, left=True)
     items_E = np.concatenate(items).astype(np.int32)
-    labels, mask, value = _labels(np.concatenate(ratings).astype(np.float32), np.concatenate(positive))
+    labels, mask, value = _labels(
+        np.concatenate(ratings).astype(np.float32), np.concatenate(positive), dataset.ratings is not None
+    )
     return MultiTaskExamples(
         inputs_CxL=inputs_CxL,
         mask_CxL=inputs_CxL > 0,
@@ -151,9 +159,8 @@ def _build(dataset, cuts, cfg, rng) -> MultiTaskExamples:
 def build_multitask_split(
     dataset: SequenceDataset, config: MultiTaskSplitConfig = MultiTaskSplitConfig()
 ) -> tuple[MultiTaskExamples, MultiTaskExamples]:
-    """(train, test) examples; see the module docstring. Users too short for a test window are skipped."""
-    if dataset.ratings is None:
-        raise ValueError(f"dataset: expected ratings (e.g. load_ml100k), {dataset.name!r} has none")
+    """(train, test) examples; see the module docstring. Users too short for a test window are skipped.
+    A dataset without ratings gives click-only labels."""
     m = config.targets_per_window
     train_cuts, test_cuts = [], []
     for u, seq in enumerate(dataset.sequences):
@@ -195,7 +202,10 @@ def add_negatives(
     if not items:
         return examples
     items_E = np.concatenate(items)
-    labels, mask, value = _labels(np.zeros(len(items_E), np.float32), np.zeros(len(items_E), bool))
+    has_ratings = bool(examples.label_mask_ExT[:, 2].any())  # long-watch is labelled iff ratings exist
+    labels, mask, value = _labels(
+        np.zeros(len(items_E), np.float32), np.zeros(len(items_E), bool), has_ratings
+    )
     return replace(
         examples,
         context_E=np.concatenate([examples.context_E, *ctx]),

@@ -81,8 +81,11 @@ def test_side_features_and_errors(rng):
     np.testing.assert_array_equal(side[:, 18:].argmax(1), ds.item_features["year_bucket"][:, 0])
     us = mt.user_side_features(ds)
     assert us.shape == (ds.num_users, 3 + 8 + 22) and (us.sum(1) == 3).all()
-    with pytest.raises(ValueError, match="ratings"):
-        mt.build_multitask_split(SequenceDataset("x", ds.sequences, ds.num_items))
+    # without ratings (SASRec-form ML-1M): click-only labels, value target = click
+    train, _ = mt.build_multitask_split(SequenceDataset("x", ds.sequences, ds.num_items))
+    train = mt.add_negatives(train, ds, np.tile(np.arange(1, 21), (train.num_contexts, 1)), 2)
+    assert not train.label_mask_ExT[:, 1:].any() and train.label_mask_ExT[:, 0].all()
+    np.testing.assert_array_equal(train.value_target_E, train.labels_ExT[:, 0])
     with pytest.raises(ValueError, match="targets_per_window"):
         mt.MultiTaskSplitConfig(targets_per_window=0)
     with pytest.raises(ValueError, match="pool_CxK"):
