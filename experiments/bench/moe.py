@@ -184,21 +184,24 @@ def ceiling_tflops(small):
 
 
 def check(blocks, dtype, interpret_ok):
-    """Fused kernels vs the float32 reference: outputs and all gradients, ragged routing, empty experts."""
+    """Fused kernels vs the float32 reference: outputs, all gradients; ragged, empty experts, dropped ids."""
     rng = np.random.default_rng(0)
     n_tok, d, f, e, k = (48, 32, 64, 4, 2) if interpret_ok else (3000, 256, 512, 8, 2)
     x, wr, wg, wu, w2, cot = make_inputs(n_tok, d, f, e, dtype)
     ids = np.stack([rng.permutation([0, 1, 3, e - 1] if e > 4 else [0, 1, 3])[:k] for _ in range(n_tok)])
     ids[: n_tok // 2, 0] = np.where(ids[: n_tok // 2, 1] == 0, ids[: n_tok // 2, 0], 0)
+    ids[-5:, -1] = e  # dropped assignments
     ids = jnp.asarray(ids, jnp.int32)
     w = jnp.asarray(rng.random((n_tok, k)) + 0.1, jnp.float32)
     worst = 0.0
-    for act in ("swiglu", "silu"):
+    for act, recompute in (("swiglu", True), ("silu", True), ("swiglu", False)):
 
         def loss(fn):
             return lambda x, w, wg, wu, w2: jnp.sum(fn(x, ids, w, wg, wu, w2).astype(jnp.float32) * cot)
 
-        fused = functools.partial(gm.moe_ffn, activation=act, blocks=blocks, interpret=interpret_ok)
+        fused = functools.partial(
+            gm.moe_ffn, activation=act, blocks=blocks, interpret=interpret_ok, recompute=recompute
+        )
         ref = functools.partial(gm.moe_ffn_reference, activation=act)
         y, y_ref = fused(x, ids, w, wg, wu, w2), ref(x, ids, w, wg, wu, w2)
         g = jax.grad(loss(fused), argnums=(0, 1, 2, 3, 4))(x, w, wg, wu, w2)
@@ -209,7 +212,7 @@ def check(blocks, dtype, interpret_ok):
             a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
             err = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
             worst = max(worst, err)
-            print(f"check {act:6s} {name:9s} max|err|/max|ref| = {err:.2e}")
+            print(f"check {act:6s} recompute={recompute!s:5s} {name:9s} max|err|/max|ref| = {err:.2e}")
     tol = 3e-2 if dtype == jnp.bfloat16 else 1e-4
     print(f"CHECK {'PASS' if worst < tol else 'FAIL'} worst {worst:.2e} (tol {tol})")
     return worst < tol
