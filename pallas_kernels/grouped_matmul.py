@@ -18,15 +18,17 @@ lowers to wgmma on Hopper):
   atomics: launch s handles only the tiles of slot s; a token appears exactly once per slot, so within a
   launch every output row is owned by one program, and the K launches run in order on the aliased output
   (read-add-write). Padding rows write to an extra trash row L, so no masked scatter is needed.
-- backward: ``_bwd_act_kernel`` recomputes a, b (nothing but the routing plan is saved by the forward),
+- backward: ``_bwd_act_kernel`` recomputes a, b (by default nothing but the routing plan is saved by the
+  forward; ``recompute=False`` saves a and b instead and skips those two GEMMs),
   forms g = dy[tok] @ W2[e]^T and writes da, db, the recomputed h and the per-row routing-weight gradient;
   ``_tgmm_kernel`` accumulates the weight gradients over each expert's contiguous tile range;
   ``_combine_kernel`` again scatters dx = da @ Wg^T + db @ Wu^T by the same indices.
 
 Deviations from the paper: groups are (expert, slot) rather than expert so the combine needs no atomics
-(costs up to E*K*(bm-1) padding rows); the forward stores nothing but the index maps (the paper keeps the
-SwiGLU output h; we recompute it with a and b in the backward, whose GEMMs are needed anyway); Triton
-lowering instead of hand-written wgmma/TMA (TMA cannot gather rows on Hopper).
+(costs up to E*K*(bm-1) padding rows); by default the forward stores nothing but the index maps and the
+backward recomputes both projections (2 extra GEMMs; the paper recomputes only the SiLU); Triton lowering
+instead of hand-written wgmma/TMA (TMA cannot gather rows on Hopper). An expert id equal to E marks a
+dropped assignment (masked token, over capacity): it gets no row and no compute.
 """
 
 from __future__ import annotations
