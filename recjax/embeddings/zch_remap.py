@@ -1,0 +1,214 @@
+"""Raw (unbounded) item IDs -> rows of a sequential model's item table, by MPZCH or by modulo hashing.
+
+A recjax sequential model (SASRec, HSTU) has a dense item table of ``num_items + 1`` rows (row 0 =
+padding). ``ItemIdRemapper`` lets it consume *raw* item IDs instead: batches follow the contract of
+recjax/data/types.py except that the ID arrays (``inputs``, ``targets``, ``target``, ``exclude``) hold raw
+IDs (int32/int64 >= 1, or uint32 pairs ``(..., 2)`` for 64-bit IDs; 0 / the zero pair = padding). Build the
+model with ``num_items = remapper.num_items`` (= ``table_size``) and, inside the jitted step:
+
+    batch, zch_state, reset_R, stats = remapper.remap(zch_state, raw_batch, step, training=True)
+    params, opt_state = reset_item_rows(params, opt_state, reset_R, key)    # before the loss
+    ... the unchanged train step on ``batch`` ...
+
+Methods (``RemapConfig.method``):
+- ``"mpzch"``: a one-table ``ZchEmbeddingCollection`` (recjax.embeddings.zch); slot s -> model row s + 1.
+  Training inserts-or-finds every ID of ``inputs``/``targets`` (LRU/LFU/TTL eviction when a window is full)
+  and returns the rows that got a new owner in ``reset_R``; evaluation (``training=False``) is a read-only
+  lookup. An ID without a row (fallback, or unknown at evaluation) becomes row 0: dropped from the input
+  sequence (its ``mask`` entry is cleared), no training target, and at evaluation ``target_known`` is False
+  (count it as a miss).
+- ``"modulo"``: the classic baseline ``row = 1 + hash(id) % table_size`` (the same splitmix64 hash); no
+  state, never resets, distinct IDs may share a row (a collision) and a new ID inherits the row's
+  trained embedding and optimizer moments.
+
+``reset_item_rows`` re-initialises the masked rows of the item table found at ``item_path`` in an
+``nnx.split`` parameter State (default ``("embedding", "items")``, the tied table of SASRec/HSTU) and zeroes
+the same rows of every optimizer-state leaf under that path (Adam ``mu``/``nu``); scalars are untouched.
+
+``make_zch_train_step`` wraps a jitted ``recjax.train.trainer.make_train_step`` step (not modified) with
+remap + reset in one jit. Deviation: the ``Trainer`` class itself has no hook for this yet; experiments run
+their own loop (experiments/zch_experiment.py).
+
+Letters: B batch, L sequence, H excluded history, R model rows (table_size + 1), D embedding dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recjax import validation
+from recjax.embeddings import zch as ez
+from recjax.ops import zch as ops
+
+METHODS = ("mpzch", "modulo")
+ID_KEYS = ("inputs", "targets", "target", "exclude")
+TRAIN_KEYS = ("inputs", "targets")  # IDs that are inserted during training
+
+
+@dataclasses.dataclass(frozen=True)
+class RemapConfig:
+    table_size: int  # managed rows (model num_items); the model has table_size + 1 rows with padding
+    method: str = "mpzch"
+    max_probe: int = 64
+    num_buckets: int = 1
+    eviction: str = "lru"  # "none" | "lru" | "lfu" | "ttl" (MPZCH only)
+    ttl: int = 0
+    impl: str = "auto"
+
+    def __post_init__(self):
+        validation.check_positive("RemapConfig.table_size", self.table_size)
+        if self.method not in METHODS:
+            raise ValueError(f"RemapConfig.method: expected one of {METHODS}, got {self.method!r}")
+
+
+def _pairs_and_valid(x, name: str):
+    """Raw IDs (0 = padding) -> (uint32 pairs (..., 2) with padding as EMPTY_PAIR, valid (...) bool)."""
+    if isinstance(x, (np.ndarray, list, tuple)):
+        x = np.asarray(x)
+        validation.check_dtype(name, x, "iu")
+        pairs = ops.as_id_pairs(x, name=name)
+    else:
+        pairs = ops.as_id_pairs(x, name=name)
+    valid = jnp.any(pairs != 0, axis=-1)
+    return jnp.where(valid[..., None], pairs, ops.EMPTY_PAIR), valid
+
+
+class ItemIdRemapper:
+    """Maps raw item IDs in batches to model rows; see the module docstring. Holds configuration only."""
+
+    def __init__(self, cfg: RemapConfig, *, embedding_dim: int = 1, seed: int = 0):
+        self.cfg = cfg
+        self.num_items = cfg.table_size
+        self.num_rows = cfg.table_size + 1
+        self.coll = None
+        if cfg.method == "mpzch":
+            policy = ez.EvictionPolicy(cfg.eviction, ttl=cfg.ttl)
+            table = ez.ZchTableConfig(
+                "item",
+                num_embeddings=cfg.table_size,
+                embedding_dim=embedding_dim,
+                feature_names=ID_KEYS,
+                num_buckets=cfg.num_buckets,
+                max_probe=min(cfg.max_probe, cfg.table_size // cfg.num_buckets),
+                eviction=policy,
+            )
+            self.coll = ez.ZchEmbeddingCollection([table], impl=cfg.impl, seed=seed)
+
+    def init_state(self) -> dict:
+        return self.coll.init_state() if self.coll is not None else {}
+
+    def remap(self, state: dict, batch: Mapping[str, object], step, *, training: bool = True):
+        """-> (batch with rows, state, reset_R bool (num_rows,), stats: int32 counters).
+
+        Training remaps (and inserts) ``inputs``/``targets``; evaluation (``training=False``) remaps every
+        ID key read-only and adds ``target_known`` (B,) when ``target`` is present."""
+        keys = [k for k in ID_KEYS if k in batch]
+        if not keys:
+            raise KeyError(f"batch: expected at least one of {ID_KEYS}, got keys {sorted(batch)}")
+        if training and any(k not in TRAIN_KEYS for k in keys):
+            raise ValueError(f"batch: training remaps only {TRAIN_KEYS}; got {keys} (use training=False)")
+        pv = {k: _pairs_and_valid(batch[k], f"batch[{k!r}]") for k in keys}
+        out = dict(batch)
+        reset_R = jnp.zeros((self.num_rows,), bool)
+        if self.coll is None:
+            rows = {}
+            for k, (pairs, valid) in pv.items():
+                _, h = ops.windows(pairs.reshape(-1, 2), num_buckets=1, bucket_size=self.cfg.table_size)
+                rows[k] = jnp.where(valid, h.reshape(valid.shape) + 1, 0)
+            n = sum(v.sum(dtype=jnp.int32) for _, v in pv.values())
+            stats = dict(ids=n, hits=n, inserts=jnp.int32(0), evictions=jnp.int32(0), fallbacks=jnp.int32(0))
+        else:
+            slots, state, resets, st = self.coll.remap(
+                state, {k: p for k, (p, _) in pv.items()}, step, training=training
+            )
+            rows = {k: jnp.where(pv[k][1] & (s >= 0), s + 1, 0) for k, s in slots.items()}
+            reset_R = jnp.concatenate([jnp.zeros((1,), bool), resets["item"]])
+            stats = st["item"]
+        for k, r in rows.items():
+            out[k] = r.astype(jnp.int32)
+        if "inputs" in rows and "mask" in batch:
+            out["mask"] = jnp.asarray(batch["mask"]) & (rows["inputs"] != 0)
+        if "target" in rows:
+            out["target_known"] = rows["target"] != 0
+        return out, state, reset_R, stats
+
+
+def _on_path(path, item_path: tuple[str, ...]) -> bool:
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    n = len(item_path)
+    return any(tuple(names[i : i + n]) == item_path for i in range(len(names) - n + 1))
+
+
+def reset_item_rows(
+    params,
+    opt_state,
+    reset_R,
+    key,
+    *,
+    item_path: tuple[str, ...] = ("embedding", "items"),
+    init_fn: Callable | None = None,
+):
+    """Rows where ``reset_R`` of the table at ``item_path`` get a fresh ``init_fn`` draw (default the
+    SASRec/HSTU truncated normal 0.02); the same rows of optimizer leaves under ``item_path`` are zeroed.
+    Jit-friendly; returns (params, opt_state). Raises if no parameter matches ``item_path``."""
+    init_fn = init_fn or jax.nn.initializers.truncated_normal(0.02)
+    found = []
+
+    def fresh(path, leaf):
+        if not _on_path(path, item_path) or getattr(leaf, "ndim", 0) != 2:
+            return leaf
+        if leaf.shape[0] != reset_R.shape[0]:
+            raise ValueError(
+                f"reset_R: expected {leaf.shape[0]} rows (the item table at {item_path}), got {reset_R.shape}"
+            )
+        found.append(leaf.shape)
+        return jnp.where(reset_R[:, None], init_fn(key, leaf.shape, leaf.dtype), leaf)
+
+    def zero(path, leaf):
+        if _on_path(path, item_path) and getattr(leaf, "shape", None) in found:
+            return jnp.where(reset_R[:, None], jnp.zeros_like(leaf), leaf)
+        return leaf
+
+    params = jax.tree_util.tree_map_with_path(fresh, params)
+    if not found:
+        raise ValueError(f"item_path: no 2-D parameter under {item_path} in params")
+    return params, jax.tree_util.tree_map_with_path(zero, opt_state)
+
+
+def make_zch_train_step(train_step: Callable, remapper: ItemIdRemapper, **reset_kw) -> Callable:
+    """Wraps ``train_step(params, rest, opt_state, batch, rng)`` (recjax.train.trainer.make_train_step):
+    ``(params, rest, opt_state, zch_state, raw_batch, rng, step) -> (params, rest, opt_state, zch_state,
+    metrics, stats, rows)``, all in one jit; ``rows`` is the remapped batch (for freshness accounting)."""
+
+    @jax.jit
+    def step_fn(params, rest, opt_state, zch_state, raw_batch, rng, step):
+        batch, zch_state, reset_R, stats = remapper.remap(zch_state, raw_batch, step, training=True)
+        params, opt_state = reset_item_rows(
+            params, opt_state, reset_R, jax.random.fold_in(rng, 1), **reset_kw
+        )
+        params, rest, opt_state, metrics = train_step(params, rest, opt_state, batch, rng)
+        return params, rest, opt_state, zch_state, metrics, stats, dict(batch, reset=reset_R)
+
+    return step_fn
+
+
+def modulo_collision_rate(raw_ids, table_size: int) -> float:
+    """Fraction of distinct raw IDs that share their modulo-hash row with another distinct ID (host)."""
+    ids = np.unique(np.asarray(raw_ids).reshape(-1))
+    ids = ids[ids > 0]
+    if not ids.size:
+        return 0.0
+    _, h = ops.windows(ops.as_id_pairs(ids), num_buckets=1, bucket_size=table_size)
+    _, counts = np.unique(np.asarray(h), return_counts=True)
+    return float(counts[counts > 1].sum()) / ids.size
+
+
+def expected_modulo_collision_rate(num_ids: int, table_size: int) -> float:
+    """Uniform-hash expectation of ``modulo_collision_rate``: 1 - (1 - 1/T)^(n-1)."""
+    return 1.0 - math.exp((num_ids - 1) * math.log1p(-1.0 / table_size))
