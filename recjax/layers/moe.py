@@ -5,6 +5,9 @@ feed-forward for a transformer block: ``y = ffn(x_...xD)`` (any leading dims, op
 auxiliary router losses of the last call are kept in ``ffn.aux_loss`` (a :class:`MoEAuxLoss` variable) and the
 per-expert load in ``ffn.expert_load`` (:class:`MoEStats`); :func:`collect_aux_loss` sums the aux losses of
 every MoE layer in a model, to add to the training loss. ``ffn.forward(x, mask)`` returns ``(y, aux)``.
+Inside a jax transform the variables can only be updated if the model was merged there with
+``nnx.merge(..., copy=True)``; otherwise the call warns and leaves them unchanged (the output is unaffected).
+``mesh=...`` runs the experts expert-parallel (``recjax.layers.moe_dispatch``).
 
 Router: logits = x W_r in float32, softmax over E, top-k; the k weights are renormalised to sum to 1
 (``renormalize=True``, Mixtral style) or kept as the softmax probabilities (Switch/GShard style).
@@ -64,6 +67,8 @@ class MoEConfig:
             raise ValueError(f"moe.impl: expected one of {gmm_ops.IMPLS}, got {self.impl!r}")
         validation.check_positive("moe.load_balance_weight", self.load_balance_weight, allow_zero=True)
         validation.check_positive("moe.z_loss_weight", self.z_loss_weight, allow_zero=True)
+        if self.compute_dtype is not None and not jnp.issubdtype(jnp.dtype(self.compute_dtype), jnp.floating):
+            raise ValueError(f"moe.compute_dtype: expected a floating dtype name, got {self.compute_dtype!r}")
 
 
 class Routing(NamedTuple):

@@ -122,6 +122,8 @@ def test_bad_inputs_rejected(rng):
         moe.MoEFeedForward(16, 32, 4, 5, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="activation"):
         moe.MoEFeedForward(16, 32, 4, 2, "gelu", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="compute_dtype"):
+        moe.MoEFeedForward(16, 32, 4, 2, rngs=nnx.Rngs(0), compute_dtype="int8")
     layer = _layer(impl="xla")
     with pytest.raises(ValueError, match=r"x: expected shape \(\.\.\., 16\)"):
         layer(jnp.ones((3, 8)))
