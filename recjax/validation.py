@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -27,11 +28,12 @@ def check_shape(name: str, x, expected: Sequence[int | None]) -> None:
 
 def check_dtype(name: str, x, kinds: str) -> None:
     """``kinds`` is a string of numpy dtype kinds: 'i' signed int, 'u' unsigned, 'f' float, 'b' bool."""
-    kind = np.dtype(x.dtype).kind
-    if kind not in kinds:
+    # jnp.issubdtype, not numpy's dtype.kind: bfloat16 has kind 'V' in numpy.
+    classes = {"i": jnp.signedinteger, "u": jnp.unsignedinteger, "f": jnp.floating, "b": jnp.bool_}
+    if not any(jnp.issubdtype(x.dtype, classes[k]) for k in kinds):
         names = {"i": "signed integer", "u": "unsigned integer", "f": "floating", "b": "bool"}
-        want = " or ".join(names.get(k, k) for k in kinds)
-        raise TypeError(f"{name}: expected {want} dtype, got {np.dtype(x.dtype)}")
+        want = " or ".join(names[k] for k in kinds)
+        raise TypeError(f"{name}: expected {want} dtype, got {x.dtype}")
 
 
 def check_finite(name: str, x) -> None:

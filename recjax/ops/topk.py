@@ -67,6 +67,8 @@ def _reference(queries_BxD, items_NxD, k, exclude_BxH):
 
 
 def _resolve(impl: str) -> str:
+    if impl == "pallas" and "pallas" not in _IMPLS:
+        import recjax.ops.ann  # noqa: F401  (registers the fused Int8 ANN kernel as "pallas")
     if impl != "auto":
         return impl
     for name, ok in _AUTO_PALLAS.items():
@@ -89,6 +91,8 @@ def topk_inner_product(
     validation.check_shape("items_NxD", items_NxD, (None, queries_BxD.shape[1]))
     validation.check_dtype("queries_BxD", queries_BxD, "f")
     validation.check_dtype("items_NxD", items_NxD, "f")
+    validation.check_finite("queries_BxD", queries_BxD)
+    validation.check_finite("items_NxD", items_NxD)
     if not 0 < k <= items_NxD.shape[0]:
         raise ValueError(f"k: expected 1 <= k <= N={items_NxD.shape[0]}, got {k}")
     if exclude_BxH is not None:

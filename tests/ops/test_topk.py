@@ -38,5 +38,7 @@ def test_bad_inputs(rng):
         topk_inner_product(q, jnp.ones((3, 5)), 1)
     with pytest.raises(TypeError, match="queries_BxD"):
         topk_inner_product(jnp.ones((2, 4), jnp.int32), jnp.ones((3, 4)), 1)
+    with pytest.raises(ValueError, match="items_NxD: expected finite"):
+        topk_inner_product(q, jnp.ones((3, 4)).at[1, 2].set(jnp.nan), 1)
     with pytest.raises(ValueError, match="impl"):
         topk_inner_product(q, jnp.ones((3, 4)), 1, impl="nope")
