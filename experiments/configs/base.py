@@ -23,6 +23,7 @@ def sasrec_model(**overrides) -> ml_collections.ConfigDict:
     # generative-recommenders' MovieLens-1M SASRec: d=50, 2 blocks, 1 head, dropout 0.2, L2-normalised.
     cfg = {
         "name": "sasrec",
+        "ffn": "dense",  # or "moe" (MoEBlaze layer; its options in ffn_options, see sasrec_moe_ml1m.py)
         "embed_dim": 50,
         "num_blocks": 2,
         "num_heads": 1,

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from recjax.data import batching
 from recjax.data.splits import LeaveOneOut
 from recjax.eval import ranking
+from recjax.layers.moe import collect_aux_loss
 from recjax.sharding import mesh as mesh_lib
 from recjax.train import losses
 from recjax.train.checkpoint import Checkpointer
@@ -86,18 +87,22 @@ def _loss(cfg: LossConfig, model, batch, rng):
     hidden = model(batch["inputs"], batch["mask"])
     table = model.item_embeddings()
     if cfg.name == "bce":
-        return losses.bce_loss(hidden, batch["targets"], batch["mask"], table, rng)
-    return losses.sampled_softmax_loss(
-        hidden,
-        batch["targets"],
-        batch["mask"],
-        table,
-        rng,
-        num_negatives=cfg.num_negatives,
-        negatives=cfg.negatives,
-        temperature=cfg.temperature,
-        l2_normalize=model.config.l2_normalize,
-    )
+        loss, metrics = losses.bce_loss(hidden, batch["targets"], batch["mask"], table, rng)
+    else:
+        loss, metrics = losses.sampled_softmax_loss(
+            hidden,
+            batch["targets"],
+            batch["mask"],
+            table,
+            rng,
+            num_negatives=cfg.num_negatives,
+            negatives=cfg.negatives,
+            temperature=cfg.temperature,
+            l2_normalize=model.config.l2_normalize,
+        )
+    # Router load-balancing + z losses stored by MoE feed-forward layers during this forward (0 without MoE).
+    aux = collect_aux_loss(model)
+    return loss + aux, {**metrics, "moe_aux_loss": aux}
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg: LossConfig) -> Callable:
