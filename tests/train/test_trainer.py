@@ -118,7 +118,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     ckpt = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline:  # wait for a mid-run checkpoint (step >= 8), then kill without warning
-        steps = [int(p.name) for p in ckpt.glob("[0-9]*")] if ckpt.exists() else []
+        steps = [int(p.name) for p in ckpt.glob("[0-9]*") if p.name.isdigit()] if ckpt.exists() else []
         if steps and max(steps) >= 8:
             break
         time.sleep(0.05)
@@ -126,7 +126,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     killed.communicate()
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed" / "results.json").exists()
-    steps = [int(p.name) for p in ckpt.glob("[0-9]*")]
+    steps = [int(p.name) for p in ckpt.glob("[0-9]*") if p.name.isdigit()]
     assert 0 < max(steps) < total_steps, steps
 
     resumed = _cli(tmp_path / "killed")
