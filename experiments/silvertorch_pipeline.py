@@ -61,6 +61,10 @@ def parse_args(argv=None):
         "--dataset", default="ml-100k", choices=["ml-100k", "ml-1m"],
         help="ml-1m: the SASRec form (no ratings): click-only labels, value = click",
     )  # fmt: skip
+    p.add_argument(
+        "--tower-holdout", default="train+test", choices=["train+test", "test"],
+        help="windows the tower is not trained on (test: it also fits the OverArch's training windows)",
+    )  # fmt: skip
     p.add_argument("--small", action="store_true", help="tiny run (a few epochs, 200 users) for tests")
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--dim", type=int, default=32)
@@ -69,6 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=300, help="candidates retrieved per user")
     p.add_argument("--n-final", type=int, default=100)
     p.add_argument("--hard", type=int, default=10, help="hard negatives per context from the tower's top-K")
+    p.add_argument("--uniform-negatives", type=int, default=4, help="uniform negatives per positive")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None)
@@ -107,8 +112,10 @@ def recall_at(ids_CxN: np.ndarray, targets_CxM: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------- tower
 
 
-def train_tower(args, dataset, m: int):
-    """Sampled-softmax next-item training on each user's sequence minus its test window."""
+def train_tower(args, dataset, holdout: int):
+    """Sampled-softmax next-item training on each user's sequence minus its last ``holdout`` items (the
+    test window, and by default the OverArch's training windows too, so that the OverArch learns on
+    contexts the tower has not fitted, as at test time)."""
     if args.tower == "sasrec":
         extra = {"ffn_hidden_dim": args.dim}
     else:
@@ -121,7 +128,7 @@ def train_tower(args, dataset, m: int):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     opt = optax.adamw(1e-3)
     opt_state = opt.init(params)
-    seqs = [s[: len(s) - m] for s in dataset.sequences]
+    seqs = [s[: max(2, len(s) - holdout)] for s in dataset.sequences]
     length = args.max_len + 1
 
     step = make_train_step(graphdef, opt, LossConfig(num_negatives=128))  # the library's jitted step
@@ -306,7 +313,9 @@ def main(argv=None) -> dict:
             timestamps=cut(dataset.timestamps),
             user_features={k: v[:200] for k, v in dataset.user_features.items()},
         )  # fmt: skip
-    split_cfg = mt.MultiTaskSplitConfig(max_len=args.max_len, seed=args.seed)
+    split_cfg = mt.MultiTaskSplitConfig(
+        max_len=args.max_len, num_negatives=args.uniform_negatives, seed=args.seed
+    )
     train_ex, test_ex = mt.build_multitask_split(dataset, split_cfg)
     item_side = mt.item_side_features(dataset)
     user_side = mt.user_side_features(dataset)
@@ -315,7 +324,9 @@ def main(argv=None) -> dict:
         f"examples, {test_ex.num_contexts} test contexts / {test_ex.num_examples} examples"
     )
 
-    tower, tower_loss = train_tower(args, dataset, split_cfg.targets_per_window)
+    m = split_cfg.targets_per_window
+    holdout = m * (1 + split_cfg.train_windows) if args.tower_holdout == "train+test" else m
+    tower, tower_loss = train_tower(args, dataset, holdout)
     index = tower_index(tower, side_NxS=item_side, quantize=True)
     table = np.asarray(index.main.emb_NxD)
     print(
