@@ -3,8 +3,10 @@
 A recjax sequential model (SASRec, HSTU) has a dense item table of ``num_items + 1`` rows (row 0 =
 padding). ``ItemIdRemapper`` lets it consume *raw* item IDs instead: batches follow the contract of
 recjax/data/types.py except that the ID arrays (``inputs``, ``targets``, ``target``, ``exclude``) hold raw
-IDs (int32/int64 >= 1, or uint32 pairs ``(..., 2)`` for 64-bit IDs; 0 / the zero pair = padding). Build the
-model with ``num_items = remapper.num_items`` (= ``table_size``) and, inside the jitted step:
+IDs (int32/int64 >= 1, or uint32 pairs ``(..., 2)`` for 64-bit IDs; 0 / the zero pair = padding). Inside
+``jit`` an int64 numpy array would be truncated to int32 (JAX's default 32-bit mode): IDs >= 2**31 must be
+converted on the host with ``to_id_pairs(batch)`` first (int64 numpy outside jit is converted exactly).
+Build the model with ``num_items = remapper.num_items`` (= ``table_size``) and, inside the jitted step:
 
     batch, zch_state, reset_R, stats = remapper.remap(zch_state, raw_batch, step, training=True)
     params, opt_state = reset_item_rows(params, opt_state, reset_R, key)    # before the loss
@@ -137,6 +139,16 @@ class ItemIdRemapper:
         if "target" in rows:
             out["target_known"] = rows["target"] != 0
         return out, state, reset_R, stats
+
+
+def to_id_pairs(batch: Mapping[str, object]) -> dict:
+    """Host-side: the ID keys of a numpy batch -> uint32 pairs (..., 2) (0 stays the zero pair = padding).
+    Needed for raw IDs >= 2**31 before a jitted step: JAX's 32-bit mode would truncate int64 arrays."""
+    out = dict(batch)
+    for k in ID_KEYS:
+        if k in batch:
+            out[k] = ops.as_id_pairs(np.asarray(batch[k]), name=f"batch[{k!r}]")
+    return out
 
 
 def _on_path(path, item_path: tuple[str, ...]) -> bool:
