@@ -97,8 +97,8 @@ def _cli(workdir, *extra):
         "experiments.run",
         "--config=experiments/configs/synthetic_tiny.py",
         f"--workdir={workdir}",
-        "--config.train.num_epochs=4",
-        "--config.train.checkpoint_every_steps=2",
+        "--config.train.num_epochs=2",
+        "--config.train.checkpoint_every_steps=4",
         "--config.data.pipeline=numpy",
         *extra,
     ]
