@@ -29,6 +29,7 @@ import datetime
 import json
 import pathlib
 import platform
+import sys
 import time
 
 import jax
@@ -292,9 +293,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--factors", default="0.5,1,2")
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=RunConfig.learning_rate)
+    p.add_argument("--dim", type=int, default=RunConfig.embed_dim)
     p.add_argument("--small", action="store_true", help="seconds-long smoke setting")
     a = p.parse_args(argv)
-    cfg = RunConfig(epochs=a.epochs)
+    cfg = RunConfig(epochs=a.epochs, learning_rate=a.lr, embed_dim=a.dim)
     users = a.users
     if a.small:
         cfg = dataclasses.replace(cfg, epochs=1, embed_dim=8, max_len=20, max_probe=16, num_negatives=16)
@@ -313,6 +316,7 @@ def main(argv=None) -> list[dict]:
         machine=f"{platform.processor() or platform.machine()}, {jax.devices()[0].platform}",
         config=dataclasses.asdict(cfg),
         users=users,
+        command="PYTHONPATH=. python experiments/zch_experiment.py " + " ".join(argv or sys.argv[1:]),
         wall_s=time.time() - t0,
     )
     (out / "results.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
