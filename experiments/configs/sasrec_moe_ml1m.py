@@ -5,7 +5,8 @@ whose hidden width equals the dense FFN's (50). Router load-balancing and z loss
 loss; per-expert load is logged (``rest`` state, MoEStats).
 
 Command: python -m experiments.run --config=experiments/configs/sasrec_moe_ml1m.py
-Not yet measured on MovieLens-1M (issue 4); the dense reference is in benchmarks/RESULTS.md, "Foundation".
+Reached (2026-11-27, one H200, impl=xla): test HR@10 0.3055, NDCG@10 0.1752 (dense: 0.2960 / 0.1692);
+benchmarks/RESULTS.md, "MoEBlaze integration".
 """
 
 from experiments.configs import sasrec_ml1m

@@ -9,7 +9,8 @@ Implementations:
   recomputes the activation. Off a GPU it runs in Pallas interpret mode (slow; for tests).
 - ``"xla"``: sort, permute (a gathered (L*K, D) copy), ``jax.lax.ragged_dot``, unpermute (MaxText style).
 - ``"reference"``: every expert on every token in float32 (the definition; O(L E D F), small inputs only).
-``"auto"`` is Pallas on an NVIDIA GPU with compute capability >= 8.0 and XLA elsewhere.
+``"auto"`` is Pallas on an NVIDIA GPU with compute capability >= 8.0 when D and F are multiples of 16, and
+XLA elsewhere.
 
 ``grouped_matmul(lhs_MxK, rhs_GxKxN, group_sizes_G, impl="xla"|"reference")``: rows in consecutive groups.
 
@@ -132,6 +133,9 @@ def moe_expert_ffn(
         x_LxD, expert_ids_LxK, weights_LxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, activation
     )
     name = resolve_impl(impl)
+    d_model, ffn_dim = x_LxD.shape[1], w_gate_ExDxF.shape[2]
+    if impl == "auto" and name == "pallas" and (d_model % 16 or ffn_dim % 16):
+        name = "xla"  # the kernels tile D and F by multiples of 16 (e.g. SASRec's d=50 runs on XLA)
     args = (x_LxD, expert_ids_LxK.astype(jnp.int32), weights_LxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
     if name == "reference":  # handles dropped ids itself
         return gm.moe_ffn_reference(*args, activation=activation).astype(x_LxD.dtype)
