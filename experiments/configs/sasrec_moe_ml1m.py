@@ -2,7 +2,7 @@
 
 Equal active parameters to the dense SASRec of sasrec_ml1m.py: each token goes through top_k=1 of 4 experts
 whose hidden width equals the dense FFN's (50). Router load-balancing and z losses are added to the training
-loss; per-expert load is logged (``rest`` state, MoEStats).
+loss; expert balance is logged as ``train/moe_max_load_ratio`` (busiest expert over the mean).
 
 Command: python -m experiments.run --config=experiments/configs/sasrec_moe_ml1m.py
 Reached (2026-11-27, one H200, impl=xla): test HR@10 0.3055, NDCG@10 0.1752 (dense: 0.2960 / 0.1692);

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from recjax.data import batching
 from recjax.data.splits import LeaveOneOut
 from recjax.eval import ranking
-from recjax.layers.moe import collect_aux_loss
+from recjax.layers.moe import MoEStats, collect_aux_loss
 from recjax.sharding import mesh as mesh_lib
 from recjax.train import losses
 from recjax.train.checkpoint import Checkpointer
@@ -102,7 +102,13 @@ def _loss(cfg: LossConfig, model, batch, rng):
         )
     # Router load-balancing + z losses stored by MoE feed-forward layers during this forward (0 without MoE).
     aux = collect_aux_loss(model)
-    return loss + aux, {**metrics, "moe_aux_loss": aux}
+    metrics = {**metrics, "moe_aux_loss": aux}
+    loads = [x.reshape(-1) for x in jax.tree.leaves(nnx.state(model, MoEStats))]
+    if loads:  # expert balance: busiest expert's assignments over the mean, worst layer (1 = perfect)
+        metrics["moe_max_load_ratio"] = jnp.max(
+            jnp.stack([jnp.max(x) / jnp.maximum(jnp.mean(x), 1e-9) for x in loads])
+        )
+    return loss + aux, metrics
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg: LossConfig) -> Callable:

@@ -165,6 +165,7 @@ def test_moe_feed_forward_trains_with_router_loss(tmp_path):
         s["params"], s["rest"], s["opt_state"], mesh_lib.shard_batch(batch, trainer.mesh), jax.random.key(0)
     )
     assert float(metrics["moe_aux_loss"]) > 0 and np.isfinite(float(metrics["loss"]))
+    assert 1.0 <= float(metrics["moe_max_load_ratio"]) <= 4.0  # 4 experts: at most all tokens on one
     moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), s["params"], params)
     router_moved = [
         v for path, v in jax.tree_util.tree_leaves_with_path(moved) if "router" in jax.tree_util.keystr(path)
