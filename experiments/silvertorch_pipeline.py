@@ -74,6 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--n-final", type=int, default=100)
     p.add_argument("--hard", type=int, default=10, help="hard negatives per context from the tower's top-K")
     p.add_argument("--uniform-negatives", type=int, default=4, help="uniform negatives per positive")
+    p.add_argument(
+        "--negatives", default="mixed", choices=["mixed", "candidates"],
+        help="mixed: uniform + --hard from the top-100; candidates: --hard from the top-K, positives "
+        "outside the top-K masked for click / long-watch (use with --uniform-negatives 0)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None)
@@ -314,7 +319,7 @@ def main(argv=None) -> dict:
             user_features={k: v[:200] for k, v in dataset.user_features.items()},
         )  # fmt: skip
     split_cfg = mt.MultiTaskSplitConfig(
-        max_len=args.max_len, num_negatives=args.uniform_negatives, seed=args.seed
+        max_len=args.max_len, num_negatives=args.uniform_negatives, num_test_negatives=4, seed=args.seed
     )
     train_ex, test_ex = mt.build_multitask_split(dataset, split_cfg)
     item_side = mt.item_side_features(dataset)
@@ -335,7 +340,20 @@ def main(argv=None) -> dict:
 
     u_train = user_embeddings(tower, train_ex.inputs_CxL, train_ex.mask_CxL)
     u_test = user_embeddings(tower, test_ex.inputs_CxL, test_ex.mask_CxL)
-    pool = exact_topk(u_train, index, 100, train_ex.history_CxH)
+    if args.negatives == "candidates":
+        # train on the serving distribution: negatives from the tower's top-K, and positives outside the
+        # top-K are dropped from the click / long-watch losses (else "low retrieval score" would look like
+        # a positive, a selection bias the OverArch learns and then applies to the top-K)
+        pool = exact_topk(u_train, index, args.k, train_ex.history_CxH)
+        in_pool = np.asarray(
+            [np.isin(i, pool[c]) for c, i in zip(train_ex.context_E, train_ex.items_E, strict=True)]
+        )
+        keep = in_pool | (train_ex.labels_ExT[:, 0] == 0)
+        lmask = train_ex.label_mask_ExT.copy()
+        lmask[~keep, 0] = lmask[~keep, 2] = False
+        train_ex = dataclasses.replace(train_ex, label_mask_ExT=lmask)
+    else:
+        pool = exact_topk(u_train, index, 100, train_ex.history_CxH)
     train_ex = mt.add_negatives(train_ex, dataset, pool, args.hard, seed=args.seed)
     test_pool = exact_topk(u_test, index, 100, test_ex.history_CxH)
     test_hard = mt.add_negatives(test_ex, dataset, test_pool, args.hard, seed=args.seed + 1)

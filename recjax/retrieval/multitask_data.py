@@ -45,6 +45,7 @@ class MultiTaskSplitConfig:
     min_history: int = 5
     max_len: int = 50  # L
     num_negatives: int = 4
+    num_test_negatives: int | None = None  # uniform negatives per test positive (None: num_negatives)
     seed: int = 0
 
     def __post_init__(self):
@@ -176,7 +177,10 @@ def build_multitask_split(
     if not test_cuts:
         raise ValueError(f"dataset: no user has more than min_history + {m} interactions")
     rng = np.random.default_rng(config.seed)
-    return _build(dataset, train_cuts, config, rng), _build(dataset, test_cuts, config, rng)
+    test_cfg = config
+    if config.num_test_negatives is not None:
+        test_cfg = replace(config, num_negatives=config.num_test_negatives)
+    return _build(dataset, train_cuts, config, rng), _build(dataset, test_cuts, test_cfg, rng)
 
 
 def add_negatives(

@@ -61,6 +61,14 @@ def test_windows_labels_and_negatives(rng):
             assert lmask[pos].all() and not lmask[~pos, 1].any() and lmask[~pos][:, [0, 2]].all()
 
 
+def test_separate_test_negatives(rng):
+    ds = _dataset(rng)
+    cfg = mt.MultiTaskSplitConfig(targets_per_window=3, min_history=4, num_negatives=0, num_test_negatives=3)
+    train, test = mt.build_multitask_split(ds, cfg)
+    assert (train.labels_ExT[:, 0] == 1).all()
+    assert (test.labels_ExT[:, 0] == 0).sum() == 3 * (test.labels_ExT[:, 0] == 1).sum()
+
+
 def test_add_negatives_from_pool_skips_rated_items(rng):
     ds = _dataset(rng)
     train, _ = mt.build_multitask_split(ds, mt.MultiTaskSplitConfig(targets_per_window=3, min_history=4))
