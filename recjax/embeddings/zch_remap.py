@@ -71,12 +71,7 @@ class RemapConfig:
 
 def _pairs_and_valid(x, name: str):
     """Raw IDs (0 = padding) -> (uint32 pairs (..., 2) with padding as EMPTY_PAIR, valid (...) bool)."""
-    if isinstance(x, (np.ndarray, list, tuple)):
-        x = np.asarray(x)
-        validation.check_dtype(name, x, "iu")
-        pairs = ops.as_id_pairs(x, name=name)
-    else:
-        pairs = ops.as_id_pairs(x, name=name)
+    pairs = ops.as_id_pairs(np.asarray(x) if isinstance(x, (list, tuple)) else x, name=name)
     valid = jnp.any(pairs != 0, axis=-1)
     return jnp.where(valid[..., None], pairs, ops.EMPTY_PAIR), valid
 
