@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.bench.common import timed
 from pallas_kernels import int8_ann
 from recjax.retrieval import ivf, quantize
 
@@ -43,17 +44,6 @@ def int8_peak() -> float | None:
 
 def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
-
-
-def timed(fn, reps: int, warmup: int = 2) -> np.ndarray:
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        out.append(time.perf_counter() - t0)
-    return np.array(out)
 
 
 def make_data(n: int, d: int, b: int, seed: int = 0):

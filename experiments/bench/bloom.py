@@ -20,19 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.bench.common import timed
 from pallas_kernels import bloom as bloom_kernel
 from recjax.retrieval import bloom
-
-
-def timed(fn, reps, warmup=2):
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        out.append(time.perf_counter() - t0)
-    return np.array(out)
 
 
 def make_features(n, num_features, values_per_item, vocab, seed=0):

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import grouped_matmul as gm
+from recjax.ops import dispatch
 from recjax.ops import grouped_matmul as gmm_ops
 
 ALT_BLOCKS = gm.Blocks(bm=64, bn=64, bk=64, bn_out=64, num_warps=4, num_stages=3)  # passed the GPU check
@@ -260,7 +261,7 @@ def bench_micro(t, h, f, e, blocks, dtype, ceiling, iters, has_torch, micro_tile
     w = (jax.random.normal(jax.random.key(1), (e, h, f), jnp.float32) * h**-0.5).astype(dtype)
     sizes = jnp.full((e,), t // e, jnp.int32)
     ids = (jnp.arange(t) // (t // e)).astype(jnp.int32)[:, None]
-    interpret = not gmm_ops.pallas_supported()
+    interpret = not dispatch.pallas_supported()
     runs = {}
     for tiles in micro_tiles:
         b = dataclasses.replace(blocks, **tiles)
@@ -306,7 +307,7 @@ def bench_breakdown(n_tok, d, e, k, blocks, dtype, ceiling, iters):
     f = 4 * d
     x, wr, wg, wu, w2, cot = make_inputs(n_tok, d, f, e, dtype)
     ids, w = jax.jit(_route, static_argnums=2)(x, wr, k)
-    interpret = not gmm_ops.pallas_supported()
+    interpret = not dispatch.pallas_supported()
     kw = dict(blocks=blocks, interpret=interpret)
     plan_fn = jax.jit(gm.make_dispatch_plan, static_argnums=(2, 3))
     plan = plan_fn(ids, w, e, blocks.bm)

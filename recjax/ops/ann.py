@@ -27,7 +27,7 @@ import numpy as np
 
 from pallas_kernels import int8_ann
 from recjax import validation
-from recjax.ops import topk
+from recjax.ops import dispatch, topk
 from recjax.retrieval import bloom as bloom_lib
 from recjax.retrieval.ivf import IVFIndex, probe_clusters
 from recjax.retrieval.quantize import Int8Embeddings, quantize_items, quantize_queries
@@ -35,19 +35,15 @@ from recjax.retrieval.quantize import Int8Embeddings, quantize_items, quantize_q
 IMPLS = ("auto", "pallas", "xla", "reference")
 
 
-def _on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
-
-
 def _resolve(impl: str, batch: int = 16) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    return ("pallas" if _on_gpu() and batch >= 16 else "xla") if impl == "auto" else impl
+    return ("pallas" if dispatch.pallas_supported() and batch >= 16 else "xla") if impl == "auto" else impl
 
 
 def _bloom_impl(impl: str) -> str:
     """The Bloom kernel on a GPU (any batch) or when pallas is asked for; the plain-JAX evaluation else."""
-    return "pallas" if impl == "pallas" or (impl == "auto" and _on_gpu()) else "reference"
+    return "pallas" if impl == "pallas" or (impl == "auto" and dispatch.pallas_supported()) else "reference"
 
 
 def _check_common(queries_BxD, d: int, n: int, k: int) -> None:
@@ -125,7 +121,7 @@ def int8_search(
         tiles_per_chunk=tiles,
         per_bin=per_bin,
         return_exact=return_exact,
-        interpret=not _on_gpu(),
+        interpret=not dispatch.pallas_supported(),
     )
 
 
@@ -144,7 +140,9 @@ def filtered_search(
         raise ValueError(
             f"bloom_index: expected {items.num_rows} items (the search layout), got {bloom_index.num_items}"
         )
-    words = bloom_lib.filter_words(bloom_index, plan, impl=_bloom_impl(impl), interpret=not _on_gpu())
+    words = bloom_lib.filter_words(
+        bloom_index, plan, impl=_bloom_impl(impl), interpret=not dispatch.pallas_supported()
+    )
     return int8_search(queries_BxD, items, k, mask_BxW=words, impl=impl, exact=exact)
 
 
@@ -185,7 +183,7 @@ def ivf_search(
             block_n=index.block_n,
             max_tiles=index.max_tiles,
             impl=_bloom_impl(impl),
-            interpret=not _on_gpu(),
+            interpret=not dispatch.pallas_supported(),
         )
     if name == "pallas":
         # queries per cluster on average decide how many share one cluster scan
@@ -203,7 +201,7 @@ def ivf_search(
             k=k,
             block_q=block_q,
             block_n=index.block_n,
-            interpret=not _on_gpu(),
+            interpret=not dispatch.pallas_supported(),
         )
     # dense definition over the sorted rows: allowed = row of a probed cluster (and its filter bit)
     b, rows, block_n = queries_BxD.shape[0], index.ids_sorted.shape[0], index.block_n

@@ -24,27 +24,14 @@ import jax.numpy as jnp
 
 from pallas_kernels import grouped_matmul as gm
 from recjax import validation
+from recjax.ops import dispatch
 
-IMPLS = ("auto", "pallas", "xla", "reference")
+IMPLS = dispatch.IMPLS
 Blocks = gm.Blocks
 
 
-def pallas_supported() -> bool:
-    """Triton-lowering Pallas on an NVIDIA GPU with bf16 tensor cores (sm_80+)."""
-    try:
-        dev = jax.devices()[0]
-    except RuntimeError:
-        return False
-    cc = getattr(dev, "compute_capability", None)
-    return dev.platform == "gpu" and cc is not None and float(cc) >= 8.0
-
-
 def resolve_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "pallas" if pallas_supported() else "xla"
-    return impl
+    return dispatch.resolve_impl(impl, IMPLS)
 
 
 def default_blocks(d_model: int, ffn_dim: int, num_tokens: int) -> Blocks:
@@ -143,7 +130,7 @@ def moe_expert_ffn(
         return _xla(*args, activation)
     if blocks is None:
         blocks = default_blocks(x_LxD.shape[1], w_gate_ExDxF.shape[2], x_LxD.shape[0])
-    interpret = not pallas_supported()
+    interpret = not dispatch.pallas_supported()
     return gm.moe_ffn(*args, activation=activation, blocks=blocks, interpret=interpret, recompute=recompute)
 
 

@@ -26,8 +26,9 @@ import numpy as np
 
 from pallas_kernels import zch as kz
 from recjax import validation
+from recjax.ops import dispatch
 
-IMPLS = ("auto", "pallas", "xla", "reference")
+IMPLS = dispatch.IMPLS
 STATUS_HIT, STATUS_INSERTED, STATUS_FULL, STATUS_PAD = (
     kz.STATUS_HIT,
     kz.STATUS_INSERTED,
@@ -38,21 +39,8 @@ EMPTY_PAIR = np.uint32(0xFFFFFFFF)
 split_ids, join_ids, empty_identity = kz.split_ids, kz.join_ids, kz.empty_identity
 
 
-def pallas_supported() -> bool:
-    try:
-        dev = jax.devices()[0]
-    except RuntimeError:
-        return False
-    cc = getattr(dev, "compute_capability", None)
-    return dev.platform == "gpu" and cc is not None and float(cc) >= 8.0
-
-
 def resolve_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "pallas" if pallas_supported() else "xla"
-    return impl
+    return dispatch.resolve_impl(impl, IMPLS)
 
 
 def as_id_pairs(ids, name: str = "ids") -> jax.Array:
@@ -112,7 +100,7 @@ def insert_or_find(
             num_buckets=num_buckets,
             max_probe=max_probe,
             block=block,
-            interpret=not pallas_supported(),
+            interpret=not dispatch.pallas_supported(),
         )
     return kz.zch_reference(identity_Sx2, ids_Nx2, num_buckets=num_buckets, max_probe=max_probe)
 
@@ -130,7 +118,7 @@ def lookup(
             num_buckets=num_buckets,
             max_probe=max_probe,
             block=block,
-            interpret=not pallas_supported(),
+            interpret=not dispatch.pallas_supported(),
         )
     return kz.zch_lookup_reference(identity_Sx2, ids_Nx2, num_buckets=num_buckets, max_probe=max_probe)
 
