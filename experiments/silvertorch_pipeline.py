@@ -72,10 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--scorer-epochs", type=int, default=8)
     p.add_argument("--k", type=int, default=300, help="candidates retrieved per user")
     p.add_argument("--n-final", type=int, default=100)
-    p.add_argument("--hard", type=int, default=10, help="hard negatives per context from the tower's top-K")
-    p.add_argument("--uniform-negatives", type=int, default=4, help="uniform negatives per positive")
+    p.add_argument("--hard", type=int, default=30, help="hard negatives per context from the tower's top-K")
+    p.add_argument("--uniform-negatives", type=int, default=0, help="uniform negatives per training positive")
     p.add_argument(
-        "--negatives", default="mixed", choices=["mixed", "candidates"],
+        "--negatives", default="candidates", choices=["mixed", "candidates"],
         help="mixed: uniform + --hard from the top-100; candidates: --hard from the top-K, positives "
         "outside the top-K masked for click / long-watch (use with --uniform-negatives 0)",
     )  # fmt: skip
