@@ -1,22 +1,27 @@
-"""SilverTorch unified retrieval on MovieLens-100K: user tower -> filtered top-K -> OverArch -> heads ->
+"""SilverTorch unified retrieval on MovieLens: user tower -> filtered top-K -> OverArch -> heads ->
 Value Model -> top-N, trained and evaluated end to end on CPU in a few minutes.
 
     PYTHONPATH=. python experiments/silvertorch_pipeline.py [--tower sasrec|hstu] [--dataset ml-100k|ml-1m]
         [--small] [--out DIR]
 
 Steps:
-1. Multi-task split of ML-100K (recjax/retrieval/multitask_data.py): per user the last 5 ratings are the
-   test window, up to 3 windows before it are training windows.
+1. Multi-task split (recjax/retrieval/multitask_data.py): per user the last 5 interactions are the test
+   window, up to 3 windows before it are training windows (ML-1M in the SASRec form has no ratings:
+   click-only labels).
 2. User tower (SASRec by default) trained with sampled softmax on every user's sequence minus its test
-   window.
-3. Index over the tower's (normalised) item table + genre / year side features; training negatives: 4
-   uniform + ``--hard`` from the tower's own top-K (the candidates the OverArch re-ranks when serving).
+   window and (``--tower-holdout train+test``, default) the training windows, so the OverArch learns on
+   contexts the tower has not fitted, as at test time.
+3. Index over the tower's (normalised) item table + genre / year side features. Training examples follow
+   the serving distribution (``--negatives candidates``, default): negatives drawn from the tower's top-K
+   (the candidates the OverArch re-ranks), positives outside the top-K masked out of click / long-watch.
+   ``--negatives mixed``: uniform + top-100 negatives, all positives (re-ranking is then biased towards
+   low retrieval scores, see docs/SILVERTORCH_MODEL.md).
 4. OverArch + heads (click, rating, long-watch) + learned linear Value Model trained jointly (optax Adam,
    one jitted train step over nnx.split state) on precomputed user embeddings of the frozen tower.
 5. Evaluation on the test windows: click / long-watch AUC, rating RMSE (beside the train-mean baseline),
    recall@N of the test items for exact search and for the full pipeline (exact and int8 retrieval),
-   ANN recall of the int8 candidates vs exact top-K, a genre-filtered run checked against an exact filter,
-   and a main + fresh index split that must reproduce the single-index results.
+   ANN recall of the int8 candidates vs exact top-K, a re-rank ablation, a genre-filtered run checked
+   against an exact filter, and a main + fresh index split that must reproduce the single-index results.
 Prints a table; ``--out`` also writes results.json.
 """
 
