@@ -59,6 +59,7 @@ class RunConfig:
     max_probe: int = 64
     eviction: str = "lru"
     seed: int = 0
+    rank_used_only: bool = False  # evaluation ranks only rows some training ID used (no empty random rows)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -198,7 +199,11 @@ def train_and_eval(split, table_size: int, method: str, cfg: RunConfig, *, time_
         q = model_eval.user_embedding(model_eval(rb["inputs"], rb["mask"]))
         known = np.asarray(rb["target_known"]) & b["valid"]
         tgt = jnp.where(rb["target_known"], rb["target"], 1)
-        s = ranking.rank_batch(q, items, tgt, rb["exclude"], jnp.asarray(known), ks=(10,), impl="xla")
+        exclude = rb["exclude"]
+        if cfg.rank_used_only:  # never-used rows (random init) are not candidates
+            unused = np.flatnonzero(fresh.owner[1:] == -1) + 1
+            exclude = jnp.concatenate([exclude, jnp.broadcast_to(unused, (exclude.shape[0], unused.size))], 1)
+        s = ranking.rank_batch(q, items, tgt, exclude, jnp.asarray(known), ks=(10,), impl="xla")
         hits += float(s["hr@10"])
         n += int(b["valid"].sum())
         unknown += int((b["valid"] & ~np.asarray(rb["target_known"])).sum())
@@ -346,9 +351,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=RunConfig.learning_rate)
     p.add_argument("--dim", type=int, default=RunConfig.embed_dim)
+    p.add_argument("--rank-used-only", action="store_true", help="rank only rows used in training")
     p.add_argument("--small", action="store_true", help="seconds-long smoke setting")
     a = p.parse_args(argv)
-    cfg = RunConfig(epochs=a.epochs, learning_rate=a.lr, embed_dim=a.dim)
+    cfg = RunConfig(epochs=a.epochs, learning_rate=a.lr, embed_dim=a.dim, rank_used_only=a.rank_used_only)
     users = a.users
     if a.small:
         cfg = dataclasses.replace(cfg, epochs=1, embed_dim=8, max_len=20, max_probe=16, num_negatives=16)
