@@ -70,6 +70,11 @@ class TrainConfig:
                 raise ValueError(f"train.{name}: expected > 0, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"train.learning_rate: expected > 0, got {self.learning_rate}")
+        metrics = ["mrr"] + [f"{m}@{k}" for k in self.ks for m in ("hr", "ndcg")]
+        if self.early_stop_metric not in metrics:
+            raise ValueError(
+                f"train.early_stop_metric: expected one of {metrics}, got {self.early_stop_metric!r}"
+            )
         if self.loss.name not in ("sampled_softmax", "bce"):
             raise ValueError(f"train.loss.name: expected 'sampled_softmax' or 'bce', got {self.loss.name!r}")
 

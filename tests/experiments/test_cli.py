@@ -86,3 +86,7 @@ def test_train_config_rejects_bad_values():
     with pytest.raises(ValueError, match="train.loss.name"):
         train_config(cfg)
     assert isinstance(cfg, ml_collections.ConfigDict)
+    cfg = synthetic_tiny.get_config().train
+    cfg.early_stop_metric = "ndcg@20"  # not among ks=(10, 50)
+    with pytest.raises(ValueError, match="early_stop_metric"):
+        train_config(cfg)
