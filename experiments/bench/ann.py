@@ -28,6 +28,7 @@ import numpy as np
 
 from experiments.bench.common import timed
 from pallas_kernels import int8_ann
+from recjax.ops import dispatch
 from recjax.retrieval import ivf, quantize
 
 INT8_PEAK_TOPS = {"H100": 1979.0, "H200": 1979.0}  # dense int8 tensor-core peak (SXM)
@@ -40,10 +41,6 @@ def card() -> str:
 def int8_peak() -> float | None:
     kind = card()
     return next((v for name, v in INT8_PEAK_TOPS.items() if name in kind), None)
-
-
-def on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
 
 
 def make_data(n: int, d: int, b: int, seed: int = 0):
@@ -123,7 +120,7 @@ def pallas_fn(items8, k, mask, b, n, cfg=None):
             tiles_per_chunk=tiles,
             per_bin=per_bin,
             num_warps=warps,
-            interpret=not on_gpu(),
+            interpret=not dispatch.pallas_supported(),
         )
 
     bins = -(-n // (tiles * block_n)) * block_n
@@ -240,7 +237,7 @@ def bench_brute(n, d, b, k, sels, reps, recall_queries, with_baselines=True, cfg
 
         guarded("xla-int8", one_base, "xla-int8", lambda mask=mask: xla_int8_fn(items8, k, mask, n))
         guarded("xla-bf16", one_base, "xla-bf16", lambda mask=mask: xla_bf16_fn(items_bf16, k, mask, n))
-        if on_gpu():
+        if dispatch.pallas_supported():
 
             def one_torch(mask=mask, label=label, truth=truth):
                 tf = torch_fn(items, k, mask, n)
@@ -285,7 +282,7 @@ def bench_ivf(n, d, b, k, nprobes, num_clusters, reps, recall_queries):
                 k=k,
                 block_q=block_q(p),
                 block_n=index.block_n,
-                interpret=not on_gpu(),
+                interpret=not dispatch.pallas_supported(),
             )
 
         def one(run=run, p=p):
@@ -392,7 +389,7 @@ def main():
         sels = [None, 0.125]
     DEADLINE[0] = a.deadline
     cfgs = [None] + [tuple(int(x) for x in c.split(",")) for c in a.cfg]
-    if a.check and not check(interpret=not on_gpu()):
+    if a.check and not check(interpret=not dispatch.pallas_supported()):
         print("# kernel check FAILED (timings below are of a kernel that disagrees with the reference)")
     print_header()
     if not a.ivf_only:

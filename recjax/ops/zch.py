@@ -87,14 +87,11 @@ def _check(identity_Sx2, ids_Nx2, num_buckets, max_probe):
         raise TypeError(f"ids: expected uint32 pairs (N, 2) (see as_id_pairs), got {ids_Nx2.dtype}")
 
 
-def insert_or_find(
-    identity_Sx2, ids_Nx2, *, num_buckets: int, max_probe: int = 128, impl: str = "auto", block: int = 128
-):
-    """-> (identity_Sx2, slot_N int32, status_N int32). See the module docstring."""
+def _dispatch(kernel, reference, identity_Sx2, ids_Nx2, num_buckets, max_probe, impl, block):
+    """Validates, then runs the Pallas kernel (interpret mode off-GPU) or the plain-JAX reference."""
     _check(identity_Sx2, ids_Nx2, num_buckets, max_probe)
-    impl = resolve_impl(impl)
-    if impl == "pallas":
-        return kz.zch_insert_or_find(
+    if resolve_impl(impl) == "pallas":
+        return kernel(
             identity_Sx2,
             ids_Nx2,
             num_buckets=num_buckets,
@@ -102,25 +99,25 @@ def insert_or_find(
             block=block,
             interpret=not dispatch.pallas_supported(),
         )
-    return kz.zch_reference(identity_Sx2, ids_Nx2, num_buckets=num_buckets, max_probe=max_probe)
+    return reference(identity_Sx2, ids_Nx2, num_buckets=num_buckets, max_probe=max_probe)
+
+
+def insert_or_find(
+    identity_Sx2, ids_Nx2, *, num_buckets: int, max_probe: int = 128, impl: str = "auto", block: int = 128
+):
+    """-> (identity_Sx2, slot_N int32, status_N int32). See the module docstring."""
+    return _dispatch(
+        kz.zch_insert_or_find, kz.zch_reference, identity_Sx2, ids_Nx2, num_buckets, max_probe, impl, block
+    )
 
 
 def lookup(
     identity_Sx2, ids_Nx2, *, num_buckets: int, max_probe: int = 128, impl: str = "auto", block: int = 128
 ):
     """-> slot_N int32, -1 where the ID is not in the table. Never modifies the table."""
-    _check(identity_Sx2, ids_Nx2, num_buckets, max_probe)
-    impl = resolve_impl(impl)
-    if impl == "pallas":
-        return kz.zch_lookup(
-            identity_Sx2,
-            ids_Nx2,
-            num_buckets=num_buckets,
-            max_probe=max_probe,
-            block=block,
-            interpret=not dispatch.pallas_supported(),
-        )
-    return kz.zch_lookup_reference(identity_Sx2, ids_Nx2, num_buckets=num_buckets, max_probe=max_probe)
+    return _dispatch(
+        kz.zch_lookup, kz.zch_lookup_reference, identity_Sx2, ids_Nx2, num_buckets, max_probe, impl, block
+    )
 
 
 def windows(ids_Nx2, *, num_buckets: int, bucket_size: int):
