@@ -87,11 +87,12 @@ def test_xla_and_pallas_match_reference(rng):
 
     l_ref, (gp_ref, gx_ref) = loss_and_grads("reference")
     l, (gp, gx) = loss_and_grads("xla")
-    np.testing.assert_allclose(float(l), float(l_ref), rtol=1e-5)
+    # sums of random-sign terms cancel: compare with an absolute floor, not rtol alone
+    np.testing.assert_allclose(float(l), float(l_ref), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(gx), np.asarray(gx_ref), rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gp_ref), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(float(loss_and_grads("pallas", grad=False)), float(l_ref), rtol=1e-5)
+    np.testing.assert_allclose(float(loss_and_grads("pallas", grad=False)), float(l_ref), rtol=1e-5, atol=1e-4)
 
 
 def test_mask_zeroes_outputs_and_aux_collected_under_jit(rng):
@@ -163,7 +164,7 @@ def test_aux_store_without_copy_warns_and_still_computes(rng):
 
     with pytest.warns(UserWarning, match="copy=True"):
         value, _ = f(params, rest, x)
-    np.testing.assert_allclose(float(value), float(jnp.sum(layer.forward(x)[0])), rtol=1e-5)
+    np.testing.assert_allclose(float(value), float(jnp.sum(layer.forward(x)[0])), rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_matmul_op_xla_matches_reference(rng):

@@ -29,7 +29,7 @@ def test_mlp_mode_starts_as_the_linear_sum(rng):
     lin = ValueModel(ValueModelConfig(**cfg, mode="linear"), rngs=nnx.Rngs(1))
     mlp = ValueModel(ValueModelConfig(**cfg, mode="mlp", hidden_dim=8), rngs=nnx.Rngs(1))
     p = jnp.asarray(rng.random((10, 2)), jnp.float32)
-    np.testing.assert_allclose(np.asarray(mlp(p)), np.asarray(lin(p)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(mlp(p)), np.asarray(lin(p)), rtol=1e-6, atol=1e-6)
 
 
 def test_learned_weights_recover_the_generating_rule(rng):
