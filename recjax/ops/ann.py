@@ -1,8 +1,9 @@
-"""Int8 ANN search op (SilverTorch): brute force or IVF, optionally filtered by a Bloom plan.
+"""Int8 ANN search op (SilverTorch): brute force or IVF, filtered by a packed mask and/or a Bloom plan.
 
 ``int8_search(queries_BxD, items, k, mask_BxW=..., impl=...)`` and ``ivf_search(queries_BxD, index, k,
-nprobe, bloom_index=..., plan=..., impl=...)`` return (scores_BxK float32, ids_BxK int32), best first,
-score = dot_int32(q8, item8) * item_scale * query_scale. Fewer than k allowed items -> score -inf, id -1.
+nprobe, mask_BxW=..., bloom_index=..., plan=..., impl=...)`` return (scores_BxK float32, ids_BxK int32),
+best first, score = dot_int32(q8, item8) * item_scale * query_scale. Fewer than k allowed items -> score
+-inf, id -1.
 Implementations:
 - ``"pallas"``: the fused kernel (pallas_kernels/int8_ann.py; interpret mode off GPU). Selection keeps the
   2 best per bin of items (see the kernel docstring); ``exact=True`` makes every bin hold <= 2 items.
@@ -10,13 +11,16 @@ Implementations:
 - ``"reference"``: the plain-JAX definition from the kernel module.
 - ``"auto"``: pallas on a GPU, xla elsewhere; brute force with B < 16 queries also goes to xla (the kernel's
   MMA tile is 16 query rows; measured on H200 at B=1: xla 0.28 ms, pallas 0.41 ms).
-IVF with a Bloom plan is "probe, then filter": the plan is evaluated only on the probed clusters' words.
+IVF filters: ``mask_BxW`` over the original ids (gathered onto the probed clusters' sorted rows) and/or a
+Bloom plan, "probe, then filter": the plan is evaluated only on the probed clusters' words. Both become one
+per-(query, probe) mask inside the kernel, so filtered items never compete for the top-k.
 
 Importing this module also registers ``"pallas"`` in recjax.ops.topk (float queries and items quantized
 on the fly, excluded ids cleared from the mask). It is not made the ``auto`` choice there because int8
 scores are approximate and evaluation expects exact float ranking.
 
-Letters: B queries, N items, D dim, K results, W mask words (ceil(N / 32)), P probes, L clusters.
+Letters: B queries, N items, D dim, K results, W mask words (ceil(N / 32)), P probes, L clusters,
+R rows per probed cluster (max_tiles * block_n), V words per probed cluster (R / 32).
 """
 
 from __future__ import annotations
@@ -152,16 +156,28 @@ def ivf_search(
     k: int,
     nprobe: int,
     *,
+    mask_BxW: jax.Array | None = None,
     bloom_index: bloom_lib.BloomIndex | None = None,
     plan: bloom_lib.BloomPlan | None = None,
     impl: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
-    """IVF search over the ``nprobe`` best clusters per query. With ``plan`` (and a ``bloom_index`` built
-    in the IVF sorted order, padded by ``max_tiles * block_n / 32`` words) the filter is evaluated only
-    on the probed clusters' words. Exact within the probed clusters when no cluster exceeds 2 tiles."""
+    """IVF search over the ``nprobe`` best clusters per query; returns original item ids.
+
+    Filters (ANDed; filtered items never compete for the top-k, for every impl):
+    - ``mask_BxW``: packed allow-bits over the *original* item ids (the layout ``int8_search`` and
+      ``bloom.filter_words`` use: bit j of word w = item 32 w + j), mapped here to the words of each probed
+      cluster in the sorted layout (B P V words are gathered; the B x N mask is never permuted);
+    - ``plan`` with a ``bloom_index`` built in the IVF sorted order (``item_order=index.ids_sorted``,
+      ``pad_words=max_tiles * block_n / 32``): probe, then filter, the plan is evaluated only on the probed
+      clusters' words.
+    Exact within the probed clusters when no cluster exceeds 2 tiles (pallas); xla / reference are exact.
+    Jittable (``nprobe`` and ``k`` static)."""
     _check_common(queries_BxD, index.items.dim, index.num_items, k)
+    b = queries_BxD.shape[0]
     if not 1 <= nprobe <= index.num_clusters:
         raise ValueError(f"nprobe: expected 1 <= nprobe <= L={index.num_clusters}, got {nprobe}")
+    if mask_BxW is not None:
+        _check_mask("mask_BxW", mask_BxW, (b, -(-index.num_items // 32)))
     if (plan is None) != (bloom_index is None):
         raise ValueError("plan and bloom_index: expected both or neither")
     if bloom_index is not None and bloom_index.num_items != index.ids_sorted.shape[0]:
@@ -172,8 +188,9 @@ def ivf_search(
     q = quantize_queries(queries_BxD)
     probes = probe_clusters(queries_BxD, index.centroids_LxD, nprobe)
     name = _resolve(impl)
-    mask = None
-    v = index.max_tiles * index.block_n // 32
+    if name == "reference":
+        return _ivf_reference(q, index, probes, k, mask_BxW, bloom_index, plan)
+    mask = None  # (B, P, V) words: each probed cluster's allow-bits
     if plan is not None:
         mask = bloom_lib.filter_words_probed(
             bloom_index,
@@ -185,9 +202,13 @@ def ivf_search(
             impl=_bloom_impl(impl),
             interpret=not dispatch.pallas_supported(),
         )
+        mask = jax.lax.bitcast_convert_type(mask.astype(jnp.int32), jnp.uint32)
+    if mask_BxW is not None:
+        probed = _probed_allow_words(index, probes, mask_BxW)
+        mask = probed if mask is None else mask & probed
     if name == "pallas":
         # queries per cluster on average decide how many share one cluster scan
-        block_q = int8_ann.choose_block_q(max(1, queries_BxD.shape[0] * nprobe // index.num_clusters))
+        block_q = int8_ann.choose_block_q(max(1, b * nprobe // index.num_clusters))
         return int8_ann.int8_ivf_topk(
             q.values_NxD,
             q.scales_N,
@@ -203,18 +224,55 @@ def ivf_search(
             block_n=index.block_n,
             interpret=not dispatch.pallas_supported(),
         )
-    # dense definition over the sorted rows: allowed = row of a probed cluster (and its filter bit)
-    b, rows, block_n = queries_BxD.shape[0], index.ids_sorted.shape[0], index.block_n
-    local = jnp.arange(v * 32)
-    rows_BxPxV = (index.tile_start_L[probes] * block_n)[..., None] + local
-    inside = local < (index.num_tiles_L[probes] * block_n)[..., None]
+    # xla: dense scores over the sorted rows, allowed = row of a probed cluster (and its filter bit)
+    rows_BxPxR, inside_BxPxR = _probed_rows(index, probes)
+    v = inside_BxPxR.shape[-1] // 32
     if mask is not None:
-        inside &= int8_ann.unpack_mask_reference(mask.reshape(b * nprobe, v), v * 32).reshape(inside.shape)
-    b_idx = jnp.broadcast_to(jnp.arange(b)[:, None, None], rows_BxPxV.shape)
-    allowed = jnp.zeros((b, rows), bool).at[b_idx, jnp.where(inside, rows_BxPxV, rows)].set(True, mode="drop")
+        bits = int8_ann.unpack_mask_reference(mask.reshape(b * nprobe, v), v * 32)
+        inside_BxPxR &= bits.reshape(inside_BxPxR.shape)
+    rows = index.ids_sorted.shape[0]
+    b_idx = jnp.broadcast_to(jnp.arange(b)[:, None, None], rows_BxPxR.shape)
+    at = jnp.where(inside_BxPxR, rows_BxPxR, rows)
+    allowed = jnp.zeros((b, rows), bool).at[b_idx, at].set(True, mode="drop")
     allowed &= (index.ids_sorted >= 0)[None, :]
     scores = _xla_scores(q.values_NxD, index.items.values_NxD, index.items.scales_N)
     return _dense_topk(scores, allowed, q.scales_N, k, ids_N=index.ids_sorted)
+
+
+def _probed_rows(index: IVFIndex, probes_BxP):
+    """Sorted rows of each probed cluster, (B, P, R) with R = max_tiles * block_n, and which are inside it."""
+    local_R = jnp.arange(index.max_tiles * index.block_n)
+    rows = (index.tile_start_L[probes_BxP] * index.block_n)[..., None] + local_R
+    return rows, local_R < (index.num_tiles_L[probes_BxP] * index.block_n)[..., None]
+
+
+def _probed_allow_words(index: IVFIndex, probes_BxP, mask_BxW):
+    """Original-id allow-bits gathered onto each probed cluster's sorted rows, packed (B, P, V) uint32."""
+    b, p = probes_BxP.shape
+    rows_BxPxR, inside = _probed_rows(index, probes_BxP)
+    ids = jnp.where(inside, index.ids_sorted.at[rows_BxPxR].get(mode="fill", fill_value=-1), -1)
+    words = mask_BxW.astype(jnp.uint32)
+    word_BxPxR = jnp.take_along_axis(words, jnp.maximum(ids, 0).reshape(b, -1) // 32, axis=1)
+    bit = (word_BxPxR.reshape(ids.shape) >> (jnp.maximum(ids, 0) % 32).astype(jnp.uint32)) & 1
+    allowed = (bit != 0) & (ids >= 0)
+    return _pack_allowed(allowed.reshape(b * p, -1)).reshape(b, p, -1)
+
+
+def _ivf_reference(q, index: IVFIndex, probes_BxP, k, mask_BxW, bloom_index, plan):
+    """Definition over the original ids: item i competes iff its cluster is probed and every filter allows
+    it (the Bloom plan evaluated on all words of the sorted layout, then read at i's sorted row)."""
+    n, block_n = index.num_items, index.block_n
+    row_N = index.sorted_row_N
+    cluster_N = jnp.searchsorted(index.tile_start_L, row_N // block_n, side="right") - 1
+    allowed = jnp.any(cluster_N[None, :, None] == probes_BxP[:, None, :], axis=2)
+    if mask_BxW is not None:
+        allowed &= int8_ann.unpack_mask_reference(mask_BxW, n)
+    if plan is not None:
+        words = bloom_lib.filter_words(bloom_index, plan, impl="reference")
+        allowed &= int8_ann.unpack_mask_reference(words, bloom_index.num_items)[:, row_N]
+    items = index.items
+    scores = int8_ann.int8_scores_reference(q.values_NxD, items.values_NxD[row_N], items.scales_N[row_N])
+    return _dense_topk(scores, allowed, q.scales_N, k)
 
 
 # ------------------------------------------------------------------------ recjax.ops.topk registration
