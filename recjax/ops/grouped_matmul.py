@@ -12,7 +12,9 @@ Implementations:
 ``"auto"`` is Pallas on an NVIDIA GPU with compute capability >= 8.0 when D and F are multiples of 16, and
 XLA elsewhere.
 
-``grouped_matmul(lhs_MxK, rhs_GxKxN, group_sizes_G, impl="xla"|"reference")``: rows in consecutive groups.
+``grouped_matmul(lhs_MxK, rhs_GxKxN, group_sizes_G, impl="xla"|"reference"|"mosaic")``: rows in consecutive
+groups. ``"mosaic"`` is the Hopper Mosaic GPU kernel (``pallas_kernels.grouped_matmul_mgpu``: TMA + wgmma,
+bf16/f16 in, x's dtype out; interpret mode off a GPU). Explicit only, never chosen by "auto": unmeasured.
 
 Letters: L tokens, D model dim, F expert hidden, E experts, K top-k; M rows, G groups, N output columns.
 """
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import grouped_matmul as gm
+from pallas_kernels import grouped_matmul_mgpu as gm_mgpu
 from recjax import validation
 from recjax.ops import dispatch
 
@@ -134,18 +137,41 @@ def moe_expert_ffn(
     return gm.moe_ffn(*args, activation=activation, blocks=blocks, interpret=interpret, recompute=recompute)
 
 
+def _mosaic_interpret() -> bool:
+    """Compiled on Hopper (compute capability 9.x); interpret mode off a GPU; other GPUs are refused."""
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        return True
+    cc = float(getattr(dev, "compute_capability", 0) or 0)
+    if not 9.0 <= cc < 10.0:
+        raise ValueError(f"impl: 'mosaic' needs a Hopper GPU (compute capability 9.x), got {cc}")
+    return False
+
+
 def grouped_matmul(
-    lhs_MxK: jax.Array, rhs_GxKxN: jax.Array, group_sizes_G: jax.Array, *, impl: str = "xla"
+    lhs_MxK: jax.Array,
+    rhs_GxKxN: jax.Array,
+    group_sizes_G: jax.Array,
+    *,
+    impl: str = "xla",
+    mosaic_tiles: gm_mgpu.MgpuTiles | None = None,
 ) -> jax.Array:
-    """out[m] = lhs[m] @ rhs[g(m)] with rows in consecutive groups of ``group_sizes_G`` (sum <= M)."""
+    """out[m] = lhs[m] @ rhs[g(m)] with rows in consecutive groups of ``group_sizes_G`` (sum <= M).
+
+    float32 out for "xla"/"reference"; lhs's dtype (bf16/f16) out for "mosaic" (tiles: ``mosaic_tiles``)."""
     validation.check_shape("lhs_MxK", lhs_MxK, (None, None))
     validation.check_shape("rhs_GxKxN", rhs_GxKxN, (None, lhs_MxK.shape[1], None))
     validation.check_shape("group_sizes_G", group_sizes_G, (rhs_GxKxN.shape[0],))
     validation.check_dtype("group_sizes_G", group_sizes_G, "iu")
-    if impl not in ("xla", "reference", "auto"):
-        raise ValueError(f"impl: expected 'auto', 'xla' or 'reference', got {impl!r}")
+    if impl not in ("xla", "reference", "auto", "mosaic"):
+        raise ValueError(f"impl: expected 'auto', 'xla', 'reference' or 'mosaic', got {impl!r}")
     if impl == "reference":
         return gm.grouped_matmul_reference(lhs_MxK, rhs_GxKxN, group_sizes_G)
+    if impl == "mosaic":
+        tiles = mosaic_tiles or gm_mgpu.MgpuTiles()
+        return gm_mgpu.grouped_matmul_mgpu(
+            lhs_MxK, rhs_GxKxN, group_sizes_G, tiles=tiles, interpret=_mosaic_interpret()
+        )
     out = jax.lax.ragged_dot(
         lhs_MxK, rhs_GxKxN, group_sizes_G.astype(jnp.int32), preferred_element_type=jnp.float32
     )

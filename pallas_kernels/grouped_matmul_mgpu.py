@@ -1,0 +1,218 @@
+"""Grouped GEMM for Hopper in Mosaic GPU (Pallas ``plgpu``): TMA tile loads, a multi-stage pipeline, wgmma.
+
+Letters: M rows of x, K contraction, N output columns, G groups; Tm = ceil(M / bm) row tiles, Tn = N / bn.
+
+``y[rows of group g] = x[rows of g] @ w[g]``: the rows of x_MxK come in consecutive groups of sizes
+``group_sizes_G`` (sorted by group, as after an expert sort; empty groups allowed; rows past the last group
+give zeros). bf16 (or f16) in, float32 accumulation, x's dtype out.
+
+Design (v1):
+- Row-tile ownership instead of per-(group, tile) work items: each (row tile, column tile) pair is one work
+  item, owned by one CTA, written once by one TMA store. A row tile that straddles a group boundary loops
+  over the groups it touches (``tile_groups_Tmx2`` from a plain-JAX prologue: first group, count); for
+  each group it runs the whole K pipeline into a fresh wgmma accumulator and merges only that group's rows
+  into the output tile in shared memory (a select on a row iota). So there are no overlapping stores, no
+  masked TMA, and rows belonging to no group come out as zeros. Work = (Tm + boundaries) x Tn tile
+  GEMMs, the same count as the usual "one item per (group, tile)" schedule.
+- Persistent grid: one CTA per SM, ``plgpu.nd_loop`` strides over the Tm x Tn work items; items are ordered
+  by ``plgpu.planar_snake`` in bands of ``grid_tile_width`` row tiles so concurrent CTAs share x row tiles
+  and w column tiles in L2.
+- Per work item: ``plgpu.emit_pipeline`` over K / bk steps, ``max_concurrent_steps`` TMA stages of a
+  (bm, bk) x tile and a (bk, bn) w[g] tile in 128-byte-swizzled shared memory; the body issues one async
+  ``plgpu.wgmma`` and waits for the previous one (one MMA in flight, its buffers released one step late).
+- Epilogue: accumulator -> bf16 -> row select into a swizzled (bm, bn) SMEM tile -> TMA store.
+- M not a multiple of bm: x is padded to whole row tiles in the wrapper (one copy of x) and the output
+  sliced back; the micro shape (M = 32768) needs neither.
+
+Not done (still only in the Triton kernels of ``grouped_matmul.py``): gathering rows by token index (TMA
+cannot gather rows on Hopper; this kernel wants x already permuted into group order), the fused SwiGLU /
+two-accumulator up projection, the weighted scatter combine, the backward (transposed grouped GEMM for
+weight gradients). Also not done: warp specialisation (a producer warpgroup + two consumer warpgroups, i.e.
+128 x 256 CTA tiles, which is what the fastest Hopper matmuls use), clusters / TMA multicast, an epilogue
+overlapped with the next item's loads, a K tail (K and N must be multiples of bk and bn). Unmeasured: the
+kernel has only run in interpret mode on CPU and been lowered (not compiled) for CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on H100 / H200
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuTiles:
+    """bm x bn output tile per work item (one warpgroup holds the float32 accumulator: bm*bn/128 registers
+    per thread), bk contraction step, TMA pipeline depth, row tiles per L2 band, CTAs (None: SMs)."""
+
+    bm: int = 128
+    bn: int = 128
+    bk: int = 64
+    max_concurrent_steps: int = 4
+    grid_tile_width: int = 8
+    num_ctas: int | None = None
+
+
+def tile_schedule(group_sizes_G: jax.Array, m_rows: int, bm: int) -> tuple[jax.Array, jax.Array]:
+    """(tile_groups_Tmx2 = [first group, number of groups] per row tile, bounds_Gx2 = [start, end) rows).
+
+    A row tile's groups are the consecutive groups whose row ranges intersect it (empty groups in between
+    are counted and skipped in the kernel); a tile past the last group has count 0 (zeros out)."""
+    sizes = group_sizes_G.astype(jnp.int32)
+    ends_G = jnp.cumsum(sizes)
+    starts_G = ends_G - sizes
+    total = ends_G[-1]
+    n_tiles = -(-m_rows // bm)
+    lo_T = jnp.arange(n_tiles, dtype=jnp.int32) * bm
+    hi_T = jnp.minimum(jnp.minimum(lo_T + bm, m_rows), total)  # exclusive
+    first_T = jnp.searchsorted(ends_G, lo_T, side="right").astype(jnp.int32)
+    last_T = jnp.searchsorted(ends_G, hi_T - 1, side="right").astype(jnp.int32)
+    count_T = jnp.where(hi_T > lo_T, last_T - first_T + 1, 0).astype(jnp.int32)
+    g_max = sizes.shape[0] - 1
+    tile_groups = jnp.stack([jnp.minimum(first_T, g_max), count_T], axis=1)
+    return tile_groups, jnp.stack([starts_G, ends_G], axis=1).astype(jnp.int32)
+
+
+def _swizzled(dtype, minor: int):
+    swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
+    elems = swizzle // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
+
+
+def _kernel(tile_groups_ref, bounds_ref, x_gmem, w_gmem, y_gmem, y_smem2, *, tiles: MgpuTiles):
+    bm, bn, bk = tiles.bm, tiles.bn, tiles.bk
+    m_rows, k_dim = x_gmem.shape
+    n_dim = y_gmem.shape[1]
+    tm, tn = m_rows // bm, n_dim // bn
+    in_transforms = _swizzled(x_gmem.dtype, bk)
+
+    @plgpu.nd_loop((tm * tn,), collective_axes="sm")
+    def _work_item(info: plgpu.NDLoopInfo):
+        mi, ni = plgpu.planar_snake(info.index[0], (tm, tn), 1, tiles.grid_tile_width)
+        first, count = tile_groups_ref[mi, 0], tile_groups_ref[mi, 1]
+        row0 = mi * bm
+
+        def tile_product(g, acc_ref):
+            def step(_, x_smem, w_smem):
+                plgpu.wgmma(acc_ref, x_smem, w_smem)
+                plgpu.wgmma_wait(1)  # keep one MMA in flight; its buffers are released a step later
+
+            plgpu.emit_pipeline(
+                step,
+                grid=(k_dim // bk,),
+                in_specs=[
+                    plgpu.BlockSpec((bm, bk), lambda k: (mi, k), transforms=in_transforms, delay_release=1),
+                    plgpu.BlockSpec((bk, bn), lambda k: (k, ni), transforms=in_transforms, delay_release=1),
+                ],
+                max_concurrent_steps=tiles.max_concurrent_steps,
+            )(x_gmem, w_gmem.at[g])
+            return acc_ref[...]
+
+        # Two output buffers: the TMA store of item i overlaps the K loop of item i + 1.
+        y_smem = y_smem2.at[info.local_index % 2]
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that last read this buffer is done
+        y_smem[...] = jnp.zeros((bm, bn), y_gmem.dtype)  # rows of no group stay zero
+
+        @pl.loop(0, count)
+        def _group(j):
+            g = first + j
+            start, end = bounds_ref[g, 0], bounds_ref[g, 1]
+
+            @pl.when(end > start)  # empty groups between two others
+            def _():
+                acc = pl.run_scoped(functools.partial(tile_product, g), plgpu.ACC((bm, bn), jnp.float32))
+                rows = row0 + plgpu.broadcasted_iota(jnp.int32, (bm, bn), 0)
+                mine = (rows >= start) & (rows < end)
+                y_smem[...] = jnp.where(mine, acc.astype(y_gmem.dtype), y_smem[...])
+
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(y_smem, y_gmem.at[pl.ds(row0, bm), pl.ds(ni * bn, bn)])
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def smem_bytes(tiles: MgpuTiles, itemsize: int = 2) -> int:
+    """Shared memory of one CTA: the pipeline's x and w stages plus two output tiles (barriers ignored)."""
+    stages = tiles.max_concurrent_steps * (tiles.bm * tiles.bk + tiles.bk * tiles.bn) * itemsize
+    return stages + 2 * tiles.bm * tiles.bn * itemsize
+
+
+def check_inputs(x_MxK, w_GxKxN, group_sizes_G, tiles: MgpuTiles) -> None:
+    """Shapes, dtypes and tile divisibility; raises with the argument name, expectation and value."""
+    if x_MxK.ndim != 2:
+        raise ValueError(f"x_MxK: expected 2 dims (M, K), got shape {x_MxK.shape}")
+    if w_GxKxN.ndim != 3 or w_GxKxN.shape[1] != x_MxK.shape[1]:
+        raise ValueError(f"w_GxKxN: expected shape (G, {x_MxK.shape[1]}, N), got {w_GxKxN.shape}")
+    if group_sizes_G.shape != (w_GxKxN.shape[0],):
+        raise ValueError(f"group_sizes_G: expected shape ({w_GxKxN.shape[0]},), got {group_sizes_G.shape}")
+    if not jnp.issubdtype(group_sizes_G.dtype, jnp.integer):
+        raise TypeError(f"group_sizes_G: expected an integer dtype, got {group_sizes_G.dtype}")
+    for name, a in (("x_MxK", x_MxK), ("w_GxKxN", w_GxKxN)):
+        if a.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: expected bfloat16 or float16 (wgmma operands), got {a.dtype}")
+    if x_MxK.dtype != w_GxKxN.dtype:
+        raise TypeError(f"w_GxKxN: expected x's dtype {x_MxK.dtype}, got {w_GxKxN.dtype}")
+    k, n = w_GxKxN.shape[1:]
+    if k % tiles.bk:
+        raise ValueError(f"K: expected a multiple of bk={tiles.bk}, got {k}")
+    if n % tiles.bn:
+        raise ValueError(f"N: expected a multiple of bn={tiles.bn}, got {n}")
+    if tiles.bm % 64 or tiles.bn % 8 or tiles.bk * jnp.dtype(x_MxK.dtype).itemsize % 32:
+        raise ValueError(f"tiles: expected bm % 64 == 0, bn % 8 == 0, 16-bit bk % 16 == 0, got {tiles}")
+    if smem_bytes(tiles) > SMEM_LIMIT:
+        raise ValueError(
+            f"tiles: need {smem_bytes(tiles)} B of shared memory, Hopper has {SMEM_LIMIT}: {tiles}"
+        )
+
+
+def _interpret_params(interpret):
+    if isinstance(interpret, plgpu.InterpretGPUParams):
+        return interpret
+    return plgpu.InterpretGPUParams() if interpret else None
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+def grouped_matmul_mgpu(
+    x_MxK: jax.Array,
+    w_GxKxN: jax.Array,
+    group_sizes_G: jax.Array,
+    *,
+    tiles: MgpuTiles = MgpuTiles(),
+    interpret: bool | plgpu.InterpretGPUParams = False,
+) -> jax.Array:
+    """y_MxN (x's dtype) = x[rows of g] @ w[g] per consecutive group; rows past sum(group_sizes) are 0.
+
+    Group sizes must be non-negative with sum <= M (not checked on device: they are traced values)."""
+    check_inputs(x_MxK, w_GxKxN, group_sizes_G, tiles)
+    m_rows = x_MxK.shape[0]
+    n_dim = w_GxKxN.shape[2]
+    tile_groups, bounds = tile_schedule(group_sizes_G, m_rows, tiles.bm)
+    padded = -(-m_rows // tiles.bm) * tiles.bm
+    x = jnp.pad(x_MxK, ((0, padded - m_rows), (0, 0))) if padded != m_rows else x_MxK
+    if tiles.num_ctas is not None:
+        num_ctas = tiles.num_ctas
+    elif interpret:
+        num_ctas = 2  # two simulated CTAs: each strides over several work items
+    else:
+        num_ctas = jax.devices()[0].core_count
+    y_smem_2xbmxbn = plgpu.SMEM(
+        (2, tiles.bm, tiles.bn), x_MxK.dtype, transforms=_swizzled(x_MxK.dtype, tiles.bn)
+    )
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, tiles=tiles),
+        out_type=jax.ShapeDtypeStruct((padded, n_dim), x_MxK.dtype),
+        grid=(num_ctas,),
+        grid_names=("sm",),
+        scratch_types=[y_smem_2xbmxbn],
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=_interpret_params(interpret),
+    )
+    y = kernel(tile_groups, bounds, x, w_GxKxN)
+    return y[:m_rows] if padded != m_rows else y
