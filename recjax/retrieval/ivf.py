@@ -13,7 +13,7 @@ IVF-IP coarse quantizer.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -102,10 +102,12 @@ def kmeans(x_NxD: jax.Array, config: KMeansConfig) -> jax.Array:
     return _lloyd(x, init, config.iterations)
 
 
+@jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class IVFIndex:
     """Int8 items sorted by cluster. Cluster c holds sorted rows [tile_start[c] * T, (tile_start[c] +
-    num_tiles[c]) * T); padding rows have id -1 and zero values. ``sorted_row_N[i]`` is the row of item i."""
+    num_tiles[c]) * T); padding rows have id -1 and zero values. ``sorted_row_N[i]`` is the row of item i.
+    A pytree (the ints are static), so it can be an argument of a jitted function."""
 
     centroids_LxD: jax.Array
     items: Int8Embeddings  # sorted + padded rows
@@ -113,9 +115,9 @@ class IVFIndex:
     tile_start_L: jax.Array
     num_tiles_L: jax.Array
     sorted_row_N: jax.Array
-    block_n: int
-    max_tiles: int  # largest cluster, in tiles (static: sizes the per-probe mask)
-    num_items: int
+    block_n: int = field(metadata=dict(static=True))
+    max_tiles: int = field(metadata=dict(static=True))  # largest cluster, in tiles (sizes the probe mask)
+    num_items: int = field(metadata=dict(static=True))
 
     @property
     def num_clusters(self) -> int:

@@ -11,9 +11,11 @@ The user tower is any recjax sequence model with ``model(inputs_BxL, mask_BxL) -
 Shapes are fixed: missing candidates (fewer than K allowed items, or fewer than N scored) come back as
 id -1 with value -inf and task scores 0.
 
-The retrieval stage is chosen by ``UnifiedConfig.retrieval`` ("exact": ops.topk; "int8": the fused Int8
-ANN op with the filter mask inside the kernel) or replaced by ``candidate_fn`` (see fresh_index.search):
-the one place where other ANN ops (IVF, Bloom-planned filters) slot in.
+The main-table search is chosen by ``UnifiedConfig.index``: "brute" (``retrieval`` = "exact": ops.topk;
+"int8": the fused Int8 ANN op with the filter mask inside the kernel) or "ivf" (``ops.ann.ivf_search`` over
+``nprobe`` clusters of a ``unified_ivf.MainIVF``: the filter mask gathered onto the probed clusters inside
+the kernel, a Bloom plan evaluated only on the probed clusters' words), or replaced by ``candidate_fn``
+(see fresh_index.search). The fresh table is searched exactly in every mode, with the same filter.
 
 Training (``make_scorer_train_step``): the OverArch, heads and value model are trained jointly on
 precomputed user embeddings of a frozen tower; the value loss sees the task predictions through
@@ -37,6 +39,7 @@ from recjax import validation
 from recjax.ops import topk
 from recjax.retrieval import bloom as bloom_lib
 from recjax.retrieval import fresh_index as fresh_lib
+from recjax.retrieval import unified_ivf
 from recjax.retrieval.overarch import OverArch, multitask_loss, task_predictions
 from recjax.retrieval.value_model import ValueModel, value_loss
 
@@ -50,6 +53,8 @@ class UnifiedConfig:
     ann_impl: str = "auto"  # ops.ann impl for int8 search
     normalize_queries: bool = False  # apply tower.normalize to the user embedding
     bloom_impl: str = "auto"  # Bloom plan evaluation: "pallas" | "reference" | "auto" (pallas on GPU)
+    index: str = "brute"  # main table: "brute" (``retrieval``) | "ivf" (int8 IVF, ``ann_impl``)
+    nprobe: int = 1  # clusters probed per query with index="ivf"
 
     def __post_init__(self):
         validation.check_positive("UnifiedConfig.k", self.k)
@@ -60,6 +65,9 @@ class UnifiedConfig:
             raise ValueError(
                 f"UnifiedConfig.retrieval: expected one of {fresh_lib.SEARCH_IMPLS}, got {self.retrieval!r}"
             )
+        if self.index not in ("brute", "ivf"):
+            raise ValueError(f"UnifiedConfig.index: expected 'brute' or 'ivf', got {self.index!r}")
+        validation.check_positive("UnifiedConfig.nprobe", self.nprobe)
         if self.bloom_impl not in ("auto", "pallas", "reference"):
             raise ValueError(
                 f"UnifiedConfig.bloom_impl: expected 'auto', 'pallas' or 'reference', got {self.bloom_impl!r}"
@@ -133,22 +141,30 @@ def serve(
     user_side_BxU=None,
     bloom: tuple[bloom_lib.BloomIndex, bloom_lib.BloomPlan] | None = None,
     candidate_fn: Callable | None = None,
+    ivf: unified_ivf.MainIVF | None = None,
 ) -> UnifiedOutput:
     """The whole pipeline as a traceable function (UnifiedRetrieval jits it once). ``allowed`` (V,) or
-    (B, V) bool, ``exclude_BxH`` ids (<= 0 padding) and a Bloom (index, plan) filter are ANDed."""
+    (B, V) bool, ``exclude_BxH`` ids (<= 0 padding) and a Bloom (index, plan) filter are ANDed.
+    ``ivf``: the main index when ``config.index == "ivf"``."""
     tower = model.tower
     user_BxD = tower.user_embedding(tower(inputs_BxL, mask_BxL)).astype(jnp.float32)
     if config.normalize_queries:
         user_BxD = tower.normalize(user_BxD)
     b = user_BxD.shape[0]
     allowed_BxV = None if allowed is None else jnp.broadcast_to(allowed, (b, index.id_capacity))
-    if bloom is not None:
+    plan_in_ivf = None
+    if bloom is not None and config.index == "ivf":  # main: probe, then filter; fresh: its ids' words
+        allowed_BxV = unified_ivf.bloom_on_fresh(*bloom, index.fresh, allowed_BxV, index.id_capacity)
+        plan_in_ivf = bloom[1]
+    elif bloom is not None:
         from_bloom = bloom_allowed(*bloom, index.id_capacity, impl=config.bloom_impl)
         allowed_BxV = from_bloom if allowed_BxV is None else allowed_BxV & from_bloom
     if exclude_BxH is not None:  # e.g. the user's history; ids <= 0 are padding
         ex = jnp.where(exclude_BxH > 0, exclude_BxH, -1)
         keep = ~topk.exclusion_mask(ex, index.id_capacity)
         allowed_BxV = keep if allowed_BxV is None else allowed_BxV & keep
+    if config.index == "ivf":
+        candidate_fn = unified_ivf.ivf_candidates(ivf, config.nprobe, plan=plan_in_ivf, impl=config.ann_impl)
     cands = fresh_lib.search(
         index,
         user_BxD,
@@ -206,6 +222,8 @@ class UnifiedRetrieval:
     """
 
     def __init__(self, model: UnifiedModel, config: UnifiedConfig, *, candidate_fn: Callable | None = None):
+        if candidate_fn is not None and config.index == "ivf":
+            raise ValueError("candidate_fn: expected None with UnifiedConfig.index='ivf' (IVF is the search)")
         self.config = config
         model.eval()
         self.graphdef, self.state = nnx.split(model)
@@ -221,6 +239,7 @@ class UnifiedRetrieval:
             exclude_BxH,
             user_side_BxU,
             bloom_arrays,
+            ivf,
             bloom_static,
         ):
             self.trace_count += 1  # runs only while tracing
@@ -239,6 +258,7 @@ class UnifiedRetrieval:
                 user_side_BxU=user_side_BxU,
                 bloom=bloom,
                 candidate_fn=candidate_fn,
+                ivf=ivf,
             )
 
         self._serve = jax.jit(fn, static_argnames=("bloom_static",))
@@ -262,9 +282,12 @@ class UnifiedRetrieval:
         exclude_BxH=None,
         user_side_BxU=None,
         bloom: tuple[bloom_lib.BloomIndex, bloom_lib.BloomPlan] | None = None,
+        ivf: unified_ivf.MainIVF | None = None,
     ) -> UnifiedOutput:
         """``bloom``: a Bloom index whose layout row r is global id r (built over ``id_capacity`` rows or
-        fewer) and a plan with one query per user (``bloom.compile_queries``)."""
+        fewer) and a plan with one query per user (``bloom.compile_queries``). ``ivf``: the main index
+        for ``UnifiedConfig.index="ivf"`` (``unified_ivf.build_main_ivf``; with a Bloom filter, built with
+        its ``bloom_features``)."""
         cfg, oa = self.config, self._oa_config
         validation.check_shape("inputs_BxL", inputs_BxL, (None, None))
         validation.check_dtype("inputs_BxL", inputs_BxL, "iu")
@@ -277,7 +300,13 @@ class UnifiedRetrieval:
             )
         if index.side_dim != oa.item_side_dim:
             raise ValueError(f"index: expected item side width {oa.item_side_dim}, got {index.side_dim}")
-        fresh_lib.check_search_inputs(index, cfg.k, batch=b, allowed=allowed, impl=cfg.retrieval)
+        impl = cfg.retrieval if cfg.index == "brute" else "exact"  # "ivf" needs no int8 copy of main
+        fresh_lib.check_search_inputs(index, cfg.k, batch=b, allowed=allowed, impl=impl)
+        if (ivf is None) != (cfg.index == "brute"):
+            raise ValueError(
+                f"ivf: expected a MainIVF exactly when UnifiedConfig.index='ivf', got "
+                f"{'None' if ivf is None else 'a MainIVF'} with index={cfg.index!r}"
+            )
         if exclude_BxH is not None:
             validation.check_shape("exclude_BxH", exclude_BxH, (b, None))
             validation.check_dtype("exclude_BxH", exclude_BxH, "iu")
@@ -297,8 +326,10 @@ class UnifiedRetrieval:
             validation.check_shape("bloom plan rows_BxCxTxK", plan.rows_BxCxTxK, (b, None, None, None))
             bloom_arrays = (bloom_index.words_MxW, plan.rows_BxCxTxK, plan.kinds_BxCxT)
             bloom_static = replace(bloom_index, words_MxW=None)
+        if ivf is not None:
+            unified_ivf.check_main_ivf(ivf, index, cfg.nprobe, None if bloom is None else bloom[0])
         return self._serve(
-            self.state, index, inputs_BxL, mask_BxL, allowed, exclude_BxH, user_side_BxU, bloom_arrays,
+            self.state, index, inputs_BxL, mask_BxL, allowed, exclude_BxH, user_side_BxU, bloom_arrays, ivf,
             bloom_static=bloom_static,
         )  # fmt: skip
 
