@@ -31,16 +31,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import grouped_matmul as gm
+from pallas_kernels import grouped_matmul_mgpu as gm_mgpu
 from recjax.ops import dispatch
 from recjax.ops import grouped_matmul as gmm_ops
 
 ALT_BLOCKS = gm.Blocks(bm=64, bn=64, bk=64, bn_out=64, num_warps=4, num_stages=3)  # passed the GPU check
+MICRO_BEST = dict(bm=128, bn=256, num_warps=8, num_stages=3)  # best Triton config of the H200 runs
 MICRO_TILES = (
     {},
     dict(bm=128, bn=128, num_warps=8, num_stages=3),
     dict(bm=128, bn=128, num_warps=4, num_stages=4),
     dict(bm=64, bn=128, num_warps=4, num_stages=4),
-    dict(bm=128, bn=256, num_warps=8, num_stages=3),
+    MICRO_BEST,
 )
 PAPER = [(d, e, k) for d in (512, 1024, 2048) for e in (4, 8, 16) for k in (1, 2, 4)] + [(1024, 64, 8)]
 
@@ -54,6 +56,17 @@ def _time(fn, *args, warmup=2, iters=5):
         jax.block_until_ready(fn(*args))
         ts.append(time.perf_counter() - t0)
     return float(np.median(ts))
+
+
+def _time_back_to_back(fn, *args, warmup=2, iters=20):
+    """Mean time of ``iters`` calls queued back to back with one sync at the end (as the torch micro row
+    is timed): per-call dispatch/sync overhead (tens of us) would be ~10 % of a 0.25 ms kernel."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    outs = [fn(*args) for _ in range(iters)]
+    jax.block_until_ready(outs)
+    return (time.perf_counter() - t0) / iters
 
 
 def _temp_bytes(fn, *args):
@@ -250,56 +263,149 @@ def bench_layer(configs, n_tok, impls, blocks, dtype, ceiling, iters, has_torch)
         print(f"{d:5d} {e:3d} {k:2d} {flops / 1e9:8.2f} " + " ".join(cells), flush=True)
 
 
-def bench_micro(t, h, f, e, blocks, dtype, ceiling, iters, has_torch, micro_tiles=({},)):
+MICRO_IMPLS = ("torch", "mosaic", "fused", "ragged", "dense")  # "mosaic:128x128x64s5" = one extra config
+DEFAULT_MOSAIC_TILES = (gm_mgpu.MgpuTiles(),)
+
+
+def parse_mosaic_tiles(spec: str) -> gm_mgpu.MgpuTiles:
+    """'128x128x64s4' (bm x bn x bk, pipeline stages), optionally 'w8' for the L2 band width."""
+    body, _, width = spec.partition("w")
+    dims, _, stages = body.partition("s")
+    bm, bn, bk = (int(v) for v in dims.split("x"))
+    return gm_mgpu.MgpuTiles(
+        bm=bm, bn=bn, bk=bk, max_concurrent_steps=int(stages or 4), grid_tile_width=int(width or 8)
+    )
+
+
+def _torch_grouped_mm_time(t, h, f, e, iters):
+    import torch  # noqa: PLC0415 - only on the GPU image
+
+    tx = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    tw = torch.randn(e, f, h, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    offs = torch.arange(1, e + 1, device="cuda", dtype=torch.int32) * (t // e)
+    for _ in range(3):
+        torch._grouped_mm(tx, tw, offs=offs)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        torch._grouped_mm(tx, tw, offs=offs)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def check_mosaic(tiles, interpret):
+    """Mosaic grouped GEMM vs the float32 reference: empty groups (first, middle, last), a total that is
+    neither M nor a multiple of the row tile, M not a multiple of the row tile."""
+    m, k, n = (200, 128, 128) if interpret else (1000, 256, 256)
+    sizes = jnp.asarray([0, 37, 0, 300, 1, 210, 0] if not interpret else [0, 37, 0, 60, 1, 70, 0], jnp.int32)
+    x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
+    w = (jax.random.normal(jax.random.key(3), (7, k, n), jnp.float32) * k**-0.5).astype(jnp.bfloat16)
+    y = np.asarray(gm_mgpu.grouped_matmul_mgpu(x, w, sizes, tiles=tiles, interpret=interpret), np.float32)
+    ref = np.asarray(gm.grouped_matmul_reference(x, w, sizes))
+    err = float(np.abs(y - ref).max() / np.abs(ref).max())
+    tail_zero = bool((y[int(sizes.sum()) :] == 0).all())
+    ok = err < 2e-2 and tail_zero
+    print(
+        f"CHECK MOSAIC {'PASS' if ok else 'FAIL'} M={m} K={k} N={n} G=7 "
+        f"tiles {tiles.bm}x{tiles.bn}x{tiles.bk}: max|err|/max|ref| = {err:.2e} (tol 2e-2), "
+        f"rows past the groups zero: {tail_zero}",
+        flush=True,
+    )
+    return ok
+
+
+def bench_micro(
+    t,
+    h,
+    f,
+    e,
+    blocks,
+    dtype,
+    ceiling,
+    iters,
+    has_torch,
+    micro_tiles=({},),
+    impls=MICRO_IMPLS,
+    mosaic_tiles=DEFAULT_MOSAIC_TILES,
+    deadline=None,
+):
+    """One row per implementation, in the order of ``impls`` (put the important ones first: rows still
+    waiting when ``deadline`` (time.perf_counter() value) has passed are printed as skipped)."""
     flops = 2 * t * h * f
     bytes_ = (t * h + e * h * f + t * f) * jnp.dtype(dtype).itemsize
     print(
         f"\n# grouped GEMM T={t} H={h} F={f} E={e} equal groups, {dtype.__name__}: "
-        f"{flops / 1e9:.1f} GFLOP, {bytes_ / 2**20:.0f} MiB min traffic"
+        f"{flops / 1e9:.1f} GFLOP, {bytes_ / 2**20:.0f} MiB min traffic, {flops / bytes_:.0f} FLOP/B"
     )
     x = jax.random.normal(jax.random.key(0), (t, h), dtype)
     w = (jax.random.normal(jax.random.key(1), (e, h, f), jnp.float32) * h**-0.5).astype(dtype)
     sizes = jnp.full((e,), t // e, jnp.int32)
     ids = (jnp.arange(t) // (t // e)).astype(jnp.int32)[:, None]
     interpret = not dispatch.pallas_supported()
-    runs = {}
-    for tiles in micro_tiles:
-        b = dataclasses.replace(blocks, **tiles)
-        plan = jax.jit(gm.make_dispatch_plan, static_argnums=(2, 3))(ids, jnp.ones((t, 1)), e, b.bm)
-        name = f"fused {b.bm}x{b.bn}x{b.bk} w{b.num_warps}s{b.num_stages}"
+    torch_tf = None
 
-        def up(x, w, plan=plan, b=b):
-            return gm.expert_up(plan, x, w, None, blocks=b, activation="linear", interpret=interpret)
-
-        runs[name] = jax.jit(up)
-    runs |= {
-        "jax.lax.ragged_dot": jax.jit(lambda x, w: jax.lax.ragged_dot(x, w, sizes)),
-        "dense batched einsum": jax.jit(lambda x, w: jnp.einsum("egh,ehf->egf", x.reshape(e, t // e, h), w)),
-    }
-    for name, fn in runs.items():
-        sec = _time(fn, x, w, iters=iters)
+    def report(name, sec):
         tf = flops / sec / 1e12
+        vs = f"{100 * tf / torch_tf:6.1f}% of torch" if torch_tf else ""
         print(
-            f"{name:24s} {sec * 1e6:9.1f} us {tf:7.1f} TFLOP/s {100 * tf / ceiling:5.1f}% of ceiling",
+            f"{name:34s} {sec * 1e6:9.1f} us {tf:7.1f} TFLOP/s {100 * tf / ceiling:5.1f}% of ceiling {vs}",
             flush=True,
         )
-    if has_torch:
-        import torch  # noqa: PLC0415
+        return tf
 
-        tx = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
-        tw = torch.randn(e, f, h, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-        offs = torch.arange(1, e + 1, device="cuda", dtype=torch.int32) * (t // e)
-        for _ in range(3):
-            torch._grouped_mm(tx, tw, offs=offs)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            torch._grouped_mm(tx, tw, offs=offs)
-        torch.cuda.synchronize()
-        sec = (time.perf_counter() - t0) / iters
-        tf = flops / sec / 1e12
-        frac = 100 * tf / ceiling
-        print(f"{'torch._grouped_mm':24s} {sec * 1e6:9.1f} us {tf:7.1f} TFLOP/s {frac:5.1f}% of ceiling")
+    def jax_rows(impl):  # (name, jitted fn of (x, w)) built lazily: building compiles nothing yet
+        if impl == "fused":  # gather-by-index Triton kernel, activation "linear"
+            for tiles in micro_tiles:
+                b = dataclasses.replace(blocks, **tiles)
+                plan = jax.jit(gm.make_dispatch_plan, static_argnums=(2, 3))(ids, jnp.ones((t, 1)), e, b.bm)
+
+                def up(x, w, plan=plan, b=b):
+                    return gm.expert_up(plan, x, w, None, blocks=b, activation="linear", interpret=interpret)
+
+                yield f"fused {b.bm}x{b.bn}x{b.bk} w{b.num_warps}s{b.num_stages}", jax.jit(up)
+        elif impl.startswith("mosaic"):  # contiguous groups, TMA + wgmma (x already in group order, as torch)
+            mosaic_interpret = jax.devices()[0].platform != "gpu"
+            spec = impl.partition(":")[2]
+            for mt in [parse_mosaic_tiles(spec)] if spec else mosaic_tiles:
+
+                def mm(x, w, mt=mt):  # bf16 always (wgmma operands); a no-op cast on the real micro
+                    x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+                    return gm_mgpu.grouped_matmul_mgpu(x, w, sizes, tiles=mt, interpret=mosaic_interpret)
+
+                name = f"mosaic {mt.bm}x{mt.bn}x{mt.bk} s{mt.max_concurrent_steps} w{mt.grid_tile_width}"
+                yield name, jax.jit(mm)
+        elif impl == "ragged":
+            yield "jax.lax.ragged_dot", jax.jit(lambda x, w: jax.lax.ragged_dot(x, w, sizes))
+        elif impl == "dense":
+            yield (
+                "dense batched einsum",
+                jax.jit(lambda x, w: jnp.einsum("egh,ehf->egf", x.reshape(e, t // e, h), w)),
+            )
+        else:
+            raise ValueError(f"--micro-impls: unknown {impl!r}, expected some of {MICRO_IMPLS}")
+
+    results = {}
+    for impl in impls:
+        if deadline is not None and time.perf_counter() > deadline:
+            print(f"{impl:34s} skipped (--deadline reached)", flush=True)
+            continue
+        try:
+            if impl == "torch":
+                if not has_torch:
+                    print(f"{'torch._grouped_mm':34s} - (no torch here)", flush=True)
+                else:
+                    torch_tf = results["torch._grouped_mm"] = report(
+                        "torch._grouped_mm", _torch_grouped_mm_time(t, h, f, e, iters)
+                    )
+                continue
+            for name, fn in jax_rows(impl):
+                if deadline is not None and time.perf_counter() > deadline:
+                    print(f"{name:34s} skipped (--deadline reached)", flush=True)
+                    continue
+                results[name] = report(name, _time_back_to_back(fn, x, w, iters=iters))
+        except Exception as err:  # noqa: BLE001 - report and keep going
+            print(f"{impl:34s} ERR {type(err).__name__}: {str(err)[:600]}", flush=True)
+    return results
 
 
 def bench_breakdown(n_tok, d, e, k, blocks, dtype, ceiling, iters):
@@ -408,7 +514,18 @@ def main(argv=None):
     p.add_argument("--warps", type=int, default=8)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--micro-impls", default=",".join(MICRO_IMPLS), help="rows of --micro, in this order")
+    p.add_argument(
+        "--micro-tiles", default="all", choices=["all", "best"], help="Triton configs (best: 128x256)"
+    )
+    p.add_argument(
+        "--mosaic-tiles", default="128x128x64s4", help="Mosaic configs, e.g. 128x128x64s4,64x256x64s4"
+    )
+    p.add_argument("--check-mosaic", action="store_true", help="Mosaic grouped GEMM vs reference first")
+    p.add_argument("--deadline", type=float, default=None, help="seconds: later micro rows are skipped")
     args = p.parse_args(argv)
+    t_start = time.perf_counter()
+    deadline = None if args.deadline is None else t_start + args.deadline
     dev = jax.devices()[0]
     has_torch = False
     if dev.platform == "gpu":
@@ -453,14 +570,36 @@ def main(argv=None):
         ok = check(
             blocks if not args.small else gm.Blocks(8, 16, 16, 16), dtype, interpret_ok=dev.platform != "gpu"
         )
+    mosaic_tiles = [parse_mosaic_tiles(v) for v in args.mosaic_tiles.split(",")]
+    if args.small:  # interpret mode on CPU: tiles that fit the tiny micro (K=64, N=32)
+        mosaic_tiles = [gm_mgpu.MgpuTiles(bm=64, bn=32, bk=32, max_concurrent_steps=2, grid_tile_width=2)]
+    if args.check_mosaic:
+        on_gpu = dev.platform == "gpu"
+        check_tiles = mosaic_tiles[0] if on_gpu else gm_mgpu.MgpuTiles(64, 64, 64, 2, 2)
+        try:
+            ok = check_mosaic(check_tiles, interpret=not on_gpu) and ok
+        except Exception as err:  # noqa: BLE001 - a failed compile must not cost the timings
+            print(f"CHECK MOSAIC ERROR {type(err).__name__}: {str(err)[:1500]}", flush=True)
+            ok = False
     ceiling = ceiling_tflops(args.small)
     print(f"ceiling: dense bf16 matmul {ceiling:.1f} TFLOP/s")
     if args.breakdown or args.small:
         cfg = (64, 32, 4, 2) if args.small else (n_tok, 1024, 8, 2)
         bench_breakdown(*cfg, blocks, dtype, ceiling, args.iters)
     if args.micro or args.small:
-        tiles = ({},) if args.small else MICRO_TILES
-        bench_micro(*micro, blocks, dtype, ceiling, args.iters, has_torch, tiles)
+        tiles = ({},) if args.small else (MICRO_TILES if args.micro_tiles == "all" else (MICRO_BEST,))
+        bench_micro(
+            *micro,
+            blocks,
+            dtype,
+            ceiling,
+            args.iters,
+            has_torch,
+            tiles,
+            impls=args.micro_impls.split(","),
+            mosaic_tiles=mosaic_tiles,
+            deadline=deadline,
+        )
     bench_layer(configs, n_tok, impls, blocks, dtype, ceiling, args.iters, has_torch)
     return 0 if ok else 1
 
