@@ -27,9 +27,19 @@ Methods (``RemapConfig.method``):
 ``nnx.split`` parameter State (default ``("embedding", "items")``, the tied table of SASRec/HSTU) and zeroes
 the same rows of every optimizer-state leaf under that path (Adam ``mu``/``nu``); scalars are untouched.
 
-``make_zch_train_step`` wraps a jitted ``recjax.train.trainer.make_train_step`` step (not modified) with
-remap + reset in one jit. Deviation: the ``Trainer`` class itself has no hook for this yet; experiments run
-their own loop (experiments/zch_experiment.py).
+Freshness accounting (``RemapConfig.track_owners``, on by default): the state keeps ``owner`` (R, 2), the raw
+ID that last trained each row (zero pair = none). Per training call, an ID occurrence whose row was last
+trained for another ID is an *arrival*; an arrival on a row that had an owner and was not reset in this call
+*inherits* a trained embedding (and Adam moments) of another ID. MPZCH: inherited = 0 by construction (every
+new owner is reset); modulo: > 0 as soon as IDs share rows. Counted in ``stats["arrivals"]`` /
+``stats["inherited"]`` (per occurrence, so an ID that keeps alternating with another on a shared row
+counts every time it comes back).
+
+The remapper satisfies the ``recjax.train.remap_hook.IdRemapper`` protocol (``init_state``, ``remap``,
+``reset_rows``, ``rates``): ``Trainer(model, split, cfg, workdir, max_len=..., id_remapper=remapper)``
+trains any recjax sequential model on raw IDs, with the state checkpointed beside the parameters.
+``make_zch_train_step`` is the same remap + reset + unchanged ``make_train_step`` in one jit, for custom
+loops.
 
 Letters: B batch, L sequence, H excluded history, R model rows (table_size + 1), D embedding dim.
 """
@@ -51,6 +61,8 @@ from recjax.ops import zch as ops
 METHODS = ("mpzch", "modulo")
 ID_KEYS = ("inputs", "targets", "target", "exclude")
 TRAIN_KEYS = ("inputs", "targets")  # IDs that are inserted during training
+# Counters returned by ``remap`` (int32, per call): summed over steps by the Trainer.
+COUNTERS = ("ids", "hits", "inserts", "evictions", "fallbacks", "arrivals", "inherited")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +74,7 @@ class RemapConfig:
     eviction: str = "lru"  # "none" | "lru" | "lfu" | "ttl" (MPZCH only)
     ttl: int = 0
     impl: str = "auto"
+    track_owners: bool = True  # keep the last training ID of each row: arrivals / inherited counters
 
     def __post_init__(self):
         validation.check_positive("RemapConfig.table_size", self.table_size)
@@ -77,12 +90,24 @@ def _pairs_and_valid(x, name: str):
 
 
 class ItemIdRemapper:
-    """Maps raw item IDs in batches to model rows; see the module docstring. Holds configuration only."""
+    """Maps raw item IDs in batches to model rows; see the module docstring. Holds configuration only.
 
-    def __init__(self, cfg: RemapConfig, *, embedding_dim: int = 1, seed: int = 0):
+    ``item_path`` / ``init_fn``: the table ``reset_rows`` re-initialises (default the tied item table of
+    SASRec/HSTU and their truncated-normal(0.02) init)."""
+
+    def __init__(
+        self,
+        cfg: RemapConfig,
+        *,
+        embedding_dim: int = 1,
+        seed: int = 0,
+        item_path: tuple[str, ...] = ("embedding", "items"),
+        init_fn: Callable | None = None,
+    ):
         self.cfg = cfg
         self.num_items = cfg.table_size
         self.num_rows = cfg.table_size + 1
+        self.item_path, self.init_fn = item_path, init_fn
         self.coll = None
         if cfg.method == "mpzch":
             policy = ez.EvictionPolicy(cfg.eviction, ttl=cfg.ttl)
@@ -98,10 +123,13 @@ class ItemIdRemapper:
             self.coll = ez.ZchEmbeddingCollection([table], impl=cfg.impl, seed=seed)
 
     def init_state(self) -> dict:
-        return self.coll.init_state() if self.coll is not None else {}
+        state = self.coll.init_state() if self.coll is not None else {}
+        if self.cfg.track_owners:
+            state["owner"] = jnp.zeros((self.num_rows, 2), jnp.uint32)
+        return state
 
     def remap(self, state: dict, batch: Mapping[str, object], step, *, training: bool = True):
-        """-> (batch with rows, state, reset_R bool (num_rows,), stats: int32 counters).
+        """-> (batch with rows, state, reset_R bool (num_rows,), stats: int32 counters ``COUNTERS``).
 
         Training remaps (and inserts) ``inputs``/``targets``; evaluation (``training=False``) remaps every
         ID key read-only and adds ``target_known`` (B,) when ``target`` is present."""
@@ -113,20 +141,29 @@ class ItemIdRemapper:
         pv = {k: _pairs_and_valid(batch[k], f"batch[{k!r}]") for k in keys}
         out = dict(batch)
         reset_R = jnp.zeros((self.num_rows,), bool)
+        zero = jnp.int32(0)
         if self.coll is None:
             rows = {}
             for k, (pairs, valid) in pv.items():
                 _, h = ops.windows(pairs.reshape(-1, 2), num_buckets=1, bucket_size=self.cfg.table_size)
                 rows[k] = jnp.where(valid, h.reshape(valid.shape) + 1, 0)
             n = sum(v.sum(dtype=jnp.int32) for _, v in pv.values())
-            stats = dict(ids=n, hits=n, inserts=jnp.int32(0), evictions=jnp.int32(0), fallbacks=jnp.int32(0))
+            stats = dict(ids=n, hits=n, inserts=zero, evictions=zero, fallbacks=zero)
         else:
-            slots, state, resets, st = self.coll.remap(
-                state, {k: p for k, (p, _) in pv.items()}, step, training=training
+            zch_state = {k: v for k, v in state.items() if k != "owner"}
+            slots, zch_state, resets, st = self.coll.remap(
+                zch_state, {k: p for k, (p, _) in pv.items()}, step, training=training
             )
+            state = {**state, **zch_state}
             rows = {k: jnp.where(pv[k][1] & (s >= 0), s + 1, 0) for k, s in slots.items()}
             reset_R = jnp.concatenate([jnp.zeros((1,), bool), resets["item"]])
-            stats = st["item"]
+            stats = {k: st["item"][k] for k in COUNTERS[:5]}
+        stats.update(arrivals=zero, inherited=zero)
+        if training and "owner" in state:
+            state = dict(state)
+            state["owner"], stats["arrivals"], stats["inherited"] = _track_owners(
+                state["owner"], [(pv[k][0], rows[k]) for k in keys], reset_R
+            )
         for k, r in rows.items():
             out[k] = r.astype(jnp.int32)
         if "inputs" in rows and "mask" in batch:
@@ -134,6 +171,44 @@ class ItemIdRemapper:
         if "target" in rows:
             out["target_known"] = rows["target"] != 0
         return out, state, reset_R, stats
+
+    def reset_rows(self, params, opt_state, reset_R, key):
+        """``reset_item_rows`` on this remapper's ``item_path`` with its ``init_fn`` (jit-friendly)."""
+        return reset_item_rows(
+            params, opt_state, reset_R, key, item_path=self.item_path, init_fn=self.init_fn
+        )
+
+    def rates(self, totals: Mapping[str, jax.Array], state: dict) -> dict[str, jax.Array]:
+        """Rates per ID occurrence from summed ``COUNTERS`` (hit, insert, eviction, fallback), the fraction of
+        arrivals that inherited another ID's trained row, and the table usage (rows with an owner)."""
+        n = jnp.maximum(totals["ids"], 1).astype(jnp.float32)
+        out = {
+            "hit_rate": totals["hits"] / n,
+            "insert_rate": totals["inserts"] / n,
+            "eviction_rate": totals["evictions"] / n,
+            "fallback_rate": totals["fallbacks"] / n,
+        }
+        out["inherited_rate"] = totals["inherited"] / jnp.maximum(totals["arrivals"], 1).astype(jnp.float32)
+        if self.coll is not None:
+            used = (state["item"]["last_seen"] >= 0).sum()
+        elif "owner" in state:
+            used = jnp.any(state["owner"][1:] != 0, axis=-1).sum()
+        else:
+            return out
+        out["table_usage"] = used / jnp.float32(self.cfg.table_size)
+        return out
+
+
+def _track_owners(owner_Rx2, pairs_rows, reset_R):
+    """Updates the last training ID of each row; -> (owner, arrivals, inherited) (see module docstring)."""
+    ids_Nx2 = jnp.concatenate([p.reshape(-1, 2) for p, _ in pairs_rows])
+    rows_N = jnp.concatenate([r.reshape(-1) for _, r in pairs_rows])
+    ok_N = rows_N > 0
+    prev_Nx2 = owner_Rx2[rows_N]
+    arrive_N = ok_N & jnp.any(prev_Nx2 != ids_Nx2, axis=-1)
+    inherit_N = arrive_N & jnp.any(prev_Nx2 != 0, axis=-1) & ~reset_R[rows_N]
+    owner_Rx2 = owner_Rx2.at[jnp.where(ok_N, rows_N, owner_Rx2.shape[0])].set(ids_Nx2, mode="drop")
+    return owner_Rx2, arrive_N.sum(dtype=jnp.int32), inherit_N.sum(dtype=jnp.int32)
 
 
 def to_id_pairs(batch: Mapping[str, object]) -> dict:

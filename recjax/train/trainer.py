@@ -6,6 +6,11 @@ replicated, batches split), giving the same numbers as one device up to float re
 Resume is exact: the checkpoint holds parameters, optimizer state, RNG keys, the step and the data position
 (epoch, batch index); the epoch's batch order is a pure function of (seed, epoch). A run killed with SIGKILL
 and restarted with the same config and workdir reaches the same metrics as an uninterrupted run.
+
+Raw IDs: ``id_remapper=`` (``recjax.train.remap_hook``; e.g. ``recjax.embeddings.zch_remap.ItemIdRemapper``)
+maps the batches' raw item IDs to rows inside the jitted train step (resetting re-assigned rows and their
+optimizer state), evaluates through the read-only remap, keeps the remap state (and per-epoch counters) in
+the checkpointed trainer state and logs its rates under ``remap/``. ``None`` (default): unchanged behaviour.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from recjax.data.splits import LeaveOneOut
 from recjax.eval import ranking
 from recjax.layers.moe import MoEStats, collect_aux_loss
 from recjax.sharding import mesh as mesh_lib
-from recjax.train import losses
+from recjax.train import losses, remap_hook
 from recjax.train.checkpoint import Checkpointer
 from recjax.train.metric_writer import MetricWriter
 
@@ -182,6 +187,7 @@ class Trainer:
         *,
         max_len: int,
         batch_iter: Callable[..., Iterator[dict]] | None = None,
+        id_remapper: remap_hook.IdRemapper | None = None,
     ):
         self.cfg, self.split, self.max_len = cfg, split, max_len
         self.workdir = pathlib.Path(workdir)
@@ -204,11 +210,23 @@ class Trainer:
         self.query = make_query_fn(self.graphdef_eval)
         repl = mesh_lib.replicated(self.mesh)
         params, rest = jax.device_put((params, rest), repl)
+        self.id_remapper = id_remapper
+        if id_remapper is not None:
+            rows = item_table(self.graphdef_eval, params, rest).shape[0]
+            if rows != id_remapper.num_rows:
+                raise ValueError(
+                    f"id_remapper: the model has {rows} item rows, the remapper maps to "
+                    f"{id_remapper.num_rows} (build the model with num_items = remapper.num_items)"
+                )
+            self.remap_step = remap_hook.make_remapped_train_step(self.train_step, id_remapper, self.mesh)
+            self.eval_remap = remap_hook.make_eval_remap(id_remapper, self.mesh)
         self.state = {
             "params": params,
             "rest": rest,
-            "opt_state": self.optimizer.init(params),
-            "rng": jax.random.key(cfg.seed),
+            # Committed to the mesh like the parameters: restored arrays are committed, and a restored
+            # scalar left on one device would not mix with replicated parameters in the jitted step.
+            "opt_state": jax.device_put(self.optimizer.init(params), repl),
+            "rng": jax.device_put(jax.random.key(cfg.seed), repl),
             "step": 0,
             "epoch": 0,
             "batch": 0,
@@ -218,6 +236,13 @@ class Trainer:
             "stopped": 0,
             "best_params": params,
         }
+        if id_remapper is not None:  # remap state of the current and of the best parameters, epoch counters
+            remap_state = jax.device_put(id_remapper.init_state(), repl)
+            self.state.update(
+                remap_state=remap_state,
+                best_remap_state=remap_state,
+                remap_totals=jax.device_put(remap_hook.init_totals(id_remapper), repl),
+            )
         self.checkpointer = Checkpointer(self.workdir / "checkpoints")
         if self.checkpointer.latest_step() is not None:
             stored = self.checkpointer.restore(_to_storable(self.state))
@@ -237,7 +262,7 @@ class Trainer:
             self.resumed_from = None
 
     # -- evaluation -------------------------------------------------------------------------------------
-    def evaluate(self, which: str, params=None) -> dict[str, float]:
+    def evaluate(self, which: str, params=None, remap_state=None) -> dict[str, float]:
         params = self.state["best_params" if which == "test" else "params"] if params is None else params
         examples = self.valid_examples if which == "valid" else self.test_examples
         batches = (
@@ -246,6 +271,17 @@ class Trainer:
         )
         rest = self.state["rest"]
         query_fn = lambda b: self.query(params, rest, b["inputs"], b["mask"])  # noqa: E731
+        if self.id_remapper is not None:
+            if remap_state is None:
+                remap_state = self.state["best_remap_state" if which == "test" else "remap_state"]
+            step = self.state["step"]
+            return remap_hook.evaluate_remapped(
+                query_fn,
+                item_table(self.graphdef_eval, params, rest),
+                (self.eval_remap(remap_state, b, step) for b in batches),
+                ks=self.cfg.ks,
+                impl=self.cfg.topk_impl,
+            )
         return ranking.evaluate(
             query_fn,
             item_table(self.graphdef_eval, params, rest),
@@ -253,6 +289,12 @@ class Trainer:
             ks=self.cfg.ks,
             impl=self.cfg.topk_impl,
         )
+
+    def remap_rates(self) -> dict[str, float]:
+        """The remapper's rates over the current (or last finished) epoch's ID occurrences."""
+        s = self.state
+        rates = self.id_remapper.rates(s["remap_totals"], s["remap_state"])
+        return {k: float(v) for k, v in jax.device_get(rates).items()}
 
     def _save(self):
         self.checkpointer.save(self.state["step"], _to_storable(self.state), force=True)
@@ -285,9 +327,25 @@ class Trainer:
                 if i < s["batch"]:  # resuming inside an epoch: skip the batches already trained on
                     continue
                 rng = jax.random.fold_in(s["rng"], s["step"])
-                s["params"], s["rest"], s["opt_state"], metrics = self.train_step(
-                    s["params"], s["rest"], s["opt_state"], mesh_lib.shard_batch(batch, self.mesh), rng
-                )
+                if self.id_remapper is None:
+                    s["params"], s["rest"], s["opt_state"], metrics = self.train_step(
+                        s["params"], s["rest"], s["opt_state"], mesh_lib.shard_batch(batch, self.mesh), rng
+                    )
+                else:
+                    if i == 0:  # a new epoch: its counters start at zero
+                        s["remap_totals"] = jax.tree.map(jnp.zeros_like, s["remap_totals"])
+                    (s["params"], s["rest"], s["opt_state"], s["remap_state"], s["remap_totals"], metrics) = (
+                        self.remap_step(
+                            s["params"],
+                            s["rest"],
+                            s["opt_state"],
+                            s["remap_state"],
+                            s["remap_totals"],
+                            mesh_lib.shard_batch(batch, self.mesh),
+                            rng,
+                            s["step"],
+                        )
+                    )
                 s["step"] += 1
                 s["batch"] = i + 1
                 bar.update(1)
@@ -298,12 +356,16 @@ class Trainer:
             bar.close()
             epoch_times.append(time.time() - t_epoch)
             s["epoch"], s["batch"] = epoch + 1, 0
+            if self.id_remapper is not None:
+                writer.write(s["step"], {**self.remap_rates(), "epoch": epoch + 1}, prefix="remap/")
             if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.num_epochs:
                 valid = self.evaluate("valid", s["params"])
                 writer.write(s["step"], {**valid, "epoch": epoch + 1}, prefix="valid/")
                 score = valid[cfg.early_stop_metric]
                 if score > s["best_metric"]:
                     s.update(best_metric=score, best_epoch=epoch + 1, since_best=0, best_params=s["params"])
+                    if self.id_remapper is not None:
+                        s["best_remap_state"] = s["remap_state"]
                 else:
                     s["since_best"] += 1
                 s["stopped"] = int(bool(cfg.patience) and s["since_best"] >= cfg.patience)
@@ -328,5 +390,7 @@ class Trainer:
             "devices": f"{self.mesh.shape['data']} x {jax.devices()[0].platform}",
             "resumed_from_step": self.resumed_from,
         }
+        if self.id_remapper is not None:
+            result["remap_last_epoch"] = self.remap_rates()
         (self.workdir / "results.json").write_text(json.dumps(result, indent=2))
         return result
