@@ -49,8 +49,9 @@ SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on H100 / H200
 
 @dataclasses.dataclass(frozen=True)
 class MgpuTiles:
-    """bm x bn output tile per work item (one warpgroup holds the float32 accumulator: bm*bn/128 registers
-    per thread), bk contraction step, TMA pipeline depth, row tiles per L2 band, CTAs (None: SMs)."""
+    """bm x bn output tile per work item (each compute warpgroup holds a bm x bn/compute_wgs float32
+    accumulator: bm*bn/(128*compute_wgs) registers per thread), bk contraction step, TMA pipeline depth, row
+    tiles per L2 band, CTAs (None: one per SM)."""
 
     bm: int = 128
     bn: int = 128
@@ -58,6 +59,10 @@ class MgpuTiles:
     max_concurrent_steps: int = 4
     grid_tile_width: int = 8
     num_ctas: int | None = None
+    compute_wgs: int = 1  # 2: warp-specialised (a TMA warpgroup + 2 wgmma warpgroups of bn/2 columns each)
+
+
+WS_TILES = MgpuTiles(bn=256, max_concurrent_steps=3, compute_wgs=2)  # 128x256 CTA tile, 208 KiB of SMEM
 
 
 def tile_schedule(group_sizes_G: jax.Array, m_rows: int, bm: int) -> tuple[jax.Array, jax.Array]:
@@ -138,10 +143,101 @@ def _kernel(tile_groups_ref, bounds_ref, x_gmem, w_gmem, y_gmem, y_smem2, *, til
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+def _kernel_ws(tile_groups_ref, bounds_ref, x_gmem, w_gmem, y_gmem, *, tiles: MgpuTiles):
+    """Warp-specialised variant: warpgroup 2 only issues TMA loads (and runs ahead into the next group /
+    work item while the compute warpgroups finish their epilogue); warpgroups 0 and 1 each own bn/2 columns
+    of the tile, with synchronous wgmma per step (the two interleave on the tensor cores)."""
+    bm, bn, bk = tiles.bm, tiles.bn, tiles.bk
+    n_wg = tiles.compute_wgs
+    wn = bn // n_wg
+    m_rows, k_dim = x_gmem.shape
+    n_dim = y_gmem.shape[1]
+    tm, tn = m_rows // bm, n_dim // bn
+    in_transforms = _swizzled(x_gmem.dtype, bk)
+
+    def make_pipeline(body, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_dim // bk,),
+            memory_registers=40,  # the TMA warpgroup needs few registers: the rest go to the accumulators
+            in_specs=[
+                plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=in_transforms),
+                plgpu.BlockSpec((bk, bn), lambda k: (k, 0), transforms=in_transforms),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=n_wg,
+            max_concurrent_steps=tiles.max_concurrent_steps,
+            compute_context=context,
+        )
+
+    def unused(*_, **__):
+        return None
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=make_pipeline(unused, unused).get_allocations(x_gmem, w_gmem.at[0]),
+        y_smem=plgpu.SMEM((n_wg, bm, wn), y_gmem.dtype, transforms=_swizzled(y_gmem.dtype, wn)),
+        collective_axes="wg",
+    )
+    def _scope(allocs, y_smem):
+        wg = jax.lax.axis_index("wg")
+        is_compute = wg < n_wg
+
+        @plgpu.nd_loop((tm * tn,), collective_axes="sm")
+        def _work_item(info: plgpu.NDLoopInfo):
+            mi, ni = plgpu.planar_snake(info.index[0], (tm, tn), 1, tiles.grid_tile_width)
+            first, count = tile_groups_ref[mi, 0], tile_groups_ref[mi, 1]
+            row0 = mi * bm
+            y_wg = y_smem.at[jnp.minimum(wg, n_wg - 1)]  # touched by compute warpgroups only
+
+            @pl.when(is_compute)
+            def _():
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this warpgroup's previous store
+                y_wg[...] = jnp.zeros((bm, wn), y_gmem.dtype)
+
+            @pl.loop(0, count)
+            def _group(j):
+                g = first + j
+                start, end = bounds_ref[g, 0], bounds_ref[g, 1]
+
+                def mma(_, x_smem, w_smem, acc_ref):
+                    plgpu.wgmma(acc_ref, x_smem, w_smem.at[:, pl.ds(wg * wn, wn)])
+                    plgpu.wgmma_wait(0)  # the slot is released right after this step
+                    return acc_ref
+
+                def context(run_k_loop):  # compute warpgroups only: accumulator, K loop, row merge
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, wn), jnp.float32))
+                    def _(acc_ref):
+                        run_k_loop(acc_ref)
+                        acc = acc_ref[...]
+                        rows = row0 + plgpu.broadcasted_iota(jnp.int32, (bm, wn), 0)
+                        mine = (rows >= start) & (rows < end)
+                        y_wg[...] = jnp.where(mine, acc.astype(y_gmem.dtype), y_wg[...])
+
+                @pl.when(end > start)  # uniform over the warpgroups: all of them skip empty groups
+                def _():
+                    make_pipeline(mma, context)(
+                        x_gmem.at[pl.ds(row0, bm), :],
+                        w_gmem.at[g, :, pl.ds(ni * bn, bn)],
+                        allocations=allocs,
+                    )
+
+            @pl.when(is_compute)
+            def _():
+                plgpu.commit_smem()
+                cols = pl.ds(ni * bn + wg * wn, wn)
+                plgpu.copy_smem_to_gmem(y_wg, y_gmem.at[pl.ds(row0, bm), cols])
+
+        @pl.when(is_compute)
+        def _():
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
 def smem_bytes(tiles: MgpuTiles, itemsize: int = 2) -> int:
-    """Shared memory of one CTA: the pipeline's x and w stages plus two output tiles (barriers ignored)."""
+    """Shared memory of one CTA: the pipeline's x and w stages plus the output tile(s) (barriers ignored)."""
     stages = tiles.max_concurrent_steps * (tiles.bm * tiles.bk + tiles.bk * tiles.bn) * itemsize
-    return stages + 2 * tiles.bm * tiles.bn * itemsize
+    out_buffers = 2 if tiles.compute_wgs == 1 else 1  # v1 double-buffers its single output tile
+    return stages + out_buffers * tiles.bm * tiles.bn * itemsize
 
 
 def check_inputs(x_MxK, w_GxKxN, group_sizes_G, tiles: MgpuTiles) -> None:
@@ -166,6 +262,8 @@ def check_inputs(x_MxK, w_GxKxN, group_sizes_G, tiles: MgpuTiles) -> None:
         raise ValueError(f"N: expected a multiple of bn={tiles.bn}, got {n}")
     if tiles.bm % 64 or tiles.bn % 8 or tiles.bk * jnp.dtype(x_MxK.dtype).itemsize % 32:
         raise ValueError(f"tiles: expected bm % 64 == 0, bn % 8 == 0, 16-bit bk % 16 == 0, got {tiles}")
+    if tiles.compute_wgs not in (1, 2) or (tiles.bn // tiles.compute_wgs) % 64:
+        raise ValueError(f"tiles: expected compute_wgs 1 or 2 with (bn / compute_wgs) % 64 == 0, got {tiles}")
     if smem_bytes(tiles) > SMEM_LIMIT:
         raise ValueError(
             f"tiles: need {smem_bytes(tiles)} B of shared memory, Hopper has {SMEM_LIMIT}: {tiles}"
@@ -202,17 +300,26 @@ def grouped_matmul_mgpu(
         num_ctas = 2  # two simulated CTAs: each strides over several work items
     else:
         num_ctas = jax.devices()[0].core_count
-    y_smem_2xbmxbn = plgpu.SMEM(
-        (2, tiles.bm, tiles.bn), x_MxK.dtype, transforms=_swizzled(x_MxK.dtype, tiles.bn)
-    )
-    kernel = plgpu.kernel(
-        functools.partial(_kernel, tiles=tiles),
+    common = dict(
         out_type=jax.ShapeDtypeStruct((padded, n_dim), x_MxK.dtype),
         grid=(num_ctas,),
         grid_names=("sm",),
-        scratch_types=[y_smem_2xbmxbn],
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=_interpret_params(interpret),
     )
+    if tiles.compute_wgs == 1:
+        y_smem_2xbmxbn = plgpu.SMEM(
+            (2, tiles.bm, tiles.bn), x_MxK.dtype, transforms=_swizzled(x_MxK.dtype, tiles.bn)
+        )
+        kernel = plgpu.kernel(
+            functools.partial(_kernel, tiles=tiles), scratch_types=[y_smem_2xbmxbn], **common
+        )
+    else:  # compute warpgroups + one TMA warpgroup
+        kernel = plgpu.kernel(
+            functools.partial(_kernel_ws, tiles=tiles),
+            num_threads=tiles.compute_wgs + 1,
+            thread_name="wg",
+            **common,
+        )
     y = kernel(tile_groups, bounds, x, w_GxKxN)
     return y[:m_rows] if padded != m_rows else y

@@ -1,6 +1,8 @@
 """Mosaic GPU grouped GEMM in GPU interpret mode (CPU) against the plain-JAX reference, its tile schedule,
 its input checks, and its lowering for CUDA (Mosaic GPU lowering + layout inference run on CPU)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from pallas_kernels import grouped_matmul_mgpu as mg
 
 K, N = 128, 128
 TILES = mg.MgpuTiles(bm=64, bn=64, bk=64, max_concurrent_steps=2, grid_tile_width=2)
+WS_TILES = mg.MgpuTiles(bm=64, bn=128, bk=64, max_concurrent_steps=2, grid_tile_width=2, compute_wgs=2)
 
 
 def _sizes(rng, kind, m, g):
@@ -38,20 +41,29 @@ def _sizes(rng, kind, m, g):
 
 
 @pytest.mark.parametrize(
-    "kind,m,g,dtype",
+    "kind,m,g,dtype,tiles",
     [
-        ("random_with_empty", 256, 6, jnp.bfloat16),
-        ("one_group_all_rows", 192, 4, jnp.bfloat16),
-        ("partial_total", 200, 5, jnp.bfloat16),  # M not a multiple of bm either (padded in the wrapper)
-        ("empty_ends", 130, 7, jnp.float16),
+        ("random_with_empty", 256, 6, jnp.bfloat16, TILES),
+        ("one_group_all_rows", 192, 4, jnp.bfloat16, TILES),
+        ("partial_total", 200, 5, jnp.bfloat16, TILES),  # M not a multiple of bm (padded in the wrapper)
+        ("empty_ends", 130, 7, jnp.float16, TILES),
+        ("random_with_empty", 200, 5, jnp.bfloat16, WS_TILES),  # warp-specialised, 2 compute warpgroups
+    ],
+    ids=[
+        "random_with_empty",
+        "one_group_all_rows",
+        "partial_total",
+        "empty_ends_f16",
+        "ws_random_with_empty",
     ],
 )
-def test_matches_reference(rng, kind, m, g, dtype):
+def test_matches_reference(rng, kind, m, g, dtype, tiles):
+    n = tiles.bn
     x = jnp.asarray(rng.normal(size=(m, K)), dtype)
-    w = jnp.asarray(rng.normal(size=(g, K, N)) / np.sqrt(K), dtype)
+    w = jnp.asarray(rng.normal(size=(g, K, n)) / np.sqrt(K), dtype)
     sizes = _sizes(rng, kind, m, g)
-    y = mg.grouped_matmul_mgpu(x, w, sizes, tiles=TILES, interpret=True)
-    assert y.shape == (m, N) and y.dtype == dtype
+    y = mg.grouped_matmul_mgpu(x, w, sizes, tiles=tiles, interpret=True)
+    assert y.shape == (m, n) and y.dtype == dtype
     ref = np.asarray(gm.grouped_matmul_reference(x, w, sizes))
     y = np.asarray(y, np.float32)
     np.testing.assert_allclose(y, ref, atol=2e-2 * np.abs(ref).max(), rtol=1e-2)
@@ -77,13 +89,15 @@ def test_tile_schedule_covers_each_row_once(rng, kind):
         np.testing.assert_array_equal(owner, group_of_row[rows])
 
 
-def test_lowers_for_cuda_at_hopper_tiles():
-    """Default tiles (128x128x64, 4 stages) at a micro-like shape lower through Mosaic GPU (layout inference
-    included) for CUDA without a GPU; PTX compilation itself only happens on the card."""
+@pytest.mark.parametrize("tiles", [mg.MgpuTiles(), mg.WS_TILES], ids=["v1_128x128", "ws_128x256"])
+def test_lowers_for_cuda_at_hopper_tiles(tiles):
+    """The benchmarked tiles at a small ragged shape lower through Mosaic GPU (layout inference and dialect
+    lowering included) for CUDA without a GPU; PTX compilation itself only happens on the card."""
     x = jax.ShapeDtypeStruct((1000, 256), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16)
     s = jax.ShapeDtypeStruct((4,), jnp.int32)
-    fn = jax.jit(lambda x, w, s: mg.grouped_matmul_mgpu(x, w, s, tiles=mg.MgpuTiles(num_ctas=132)))
+    tiles = dataclasses.replace(tiles, num_ctas=132)
+    fn = jax.jit(lambda x, w, s: mg.grouped_matmul_mgpu(x, w, s, tiles=tiles))
     text = fn.trace(x, w, s).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
@@ -112,6 +126,8 @@ def test_bad_inputs(rng):
     big = mg.MgpuTiles(bm=256, bn=256, bk=64, max_concurrent_steps=4)
     with pytest.raises(ValueError, match="shared memory"):
         run(x, jnp.zeros((2, K, 256), jnp.bfloat16), sizes, tiles=big, interpret=True)
+    with pytest.raises(ValueError, match="compute_wgs 1 or 2"):
+        run(x, w, sizes, tiles=mg.MgpuTiles(bm=64, bn=64, compute_wgs=2), interpret=True)
 
 
 def test_ops_dispatch_mosaic(rng):
