@@ -2,7 +2,7 @@
 Value Model -> top-N, trained and evaluated end to end on CPU in a few minutes.
 
     PYTHONPATH=. python experiments/silvertorch_pipeline.py [--tower sasrec|hstu] [--dataset ml-100k|ml-1m]
-        [--small] [--out DIR]
+        [--index brute|ivf --clusters L --nprobe 1,2,4] [--small] [--out DIR]
 
 Steps:
 1. Multi-task split (recjax/retrieval/multitask_data.py): per user the last 5 interactions are the test
@@ -22,6 +22,10 @@ Steps:
    recall@N of the test items for exact search and for the full pipeline (exact and int8 retrieval),
    ANN recall of the int8 candidates vs exact top-K, a re-rank ablation, a genre-filtered run checked
    against an exact filter, and a main + fresh index split that must reproduce the single-index results.
+6. ``--index ivf``: the same unified model with the main table in an int8 IVF (``unified_ivf.MainIVF``,
+   ``--clusters`` k-means clusters) for each ``--nprobe``: recall@N of the pipeline, its candidates vs the
+   exact and the int8 brute-force top-K, the fraction of items scanned, the genre filter inside the IVF
+   search (violations, filtered recall) and the main + fresh split served with IVF.
 Prints a table; ``--out`` also writes results.json.
 """
 
@@ -46,6 +50,8 @@ from recjax.models.registry import build_model
 from recjax.ops.topk import topk_inner_product
 from recjax.retrieval import fresh_index as fi
 from recjax.retrieval import multitask_data as mt
+from recjax.retrieval import unified_ivf
+from recjax.retrieval.ivf import assign_clusters, probe_clusters
 from recjax.retrieval.overarch import OverArch, OverArchConfig, task_predictions
 from recjax.retrieval.unified import (
     Scorer,
@@ -84,12 +90,19 @@ def parse_args(argv=None):
         help="mixed: uniform + --hard from the top-100; candidates: --hard from the top-K, positives "
         "outside the top-K masked for click / long-watch (use with --uniform-negatives 0)",
     )  # fmt: skip
+    p.add_argument(
+        "--index", default="brute", choices=["brute", "ivf"],
+        help="ivf: also serve with the main table in an int8 IVF (--clusters, --nprobe) and compare",
+    )  # fmt: skip
+    p.add_argument("--clusters", type=int, default=32, help="IVF k-means clusters (--index ivf)")
+    p.add_argument("--nprobe", default="1,2,4,8", help="comma-separated clusters probed per query")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.small:
         args.tower_epochs, args.scorer_epochs, args.k, args.n_final = 2, 1, 50, 20
+    args.nprobe = [int(x) for x in str(args.nprobe).split(",")]
     return args
 
 
@@ -294,7 +307,9 @@ def task_metrics(preds, ex: mt.MultiTaskExamples, rating_baseline: float) -> dic
 # ------------------------------------------------------------------------------------------- serving
 
 
-def serve_all(ur: UnifiedRetrieval, index, ex: mt.MultiTaskExamples, user_side_C, allowed=None, batch=128):
+def serve_all(
+    ur: UnifiedRetrieval, index, ex: mt.MultiTaskExamples, user_side_C, allowed=None, batch=128, ivf=None
+):
     ids, cands = [], []
     c = ex.num_contexts
     for i in range(0, c, batch):
@@ -303,7 +318,7 @@ def serve_all(ur: UnifiedRetrieval, index, ex: mt.MultiTaskExamples, user_side_C
         mk[:, -1] |= ~mk.any(1)
         out = ur(
             index, x, mk, allowed=allowed, exclude_BxH=_pad_batch(ex.history_CxH[sl], batch),
-            user_side_BxU=_pad_batch(user_side_C[sl], batch),
+            user_side_BxU=_pad_batch(user_side_C[sl], batch), ivf=ivf,
         )  # fmt: skip
         n = min(batch, c - i)
         ids.append(np.asarray(out.ids_BxN)[:n])
@@ -445,6 +460,10 @@ def main(argv=None) -> dict:
         "fraction_of_results_from_fresh": float(np.isin(ids_s, held).mean()),
         "trace_count": ur.trace_count,
     }
+    if args.index == "ivf":
+        results["ivf"] = ivf_results(
+            args, model, index, split_index, test_ex, us_test, u_test, exact_k, cands8, ids8, allowed
+        )
     results["seconds"] = round(time.time() - t0, 1)
     results["command"] = " ".join([sys.executable, *sys.argv])
     results["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -455,6 +474,49 @@ def main(argv=None) -> dict:
         path.mkdir(parents=True, exist_ok=True)
         (path / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def ivf_results(args, model, index, split_index, ex, us_test, u_test, exact_k, cands8, ids8, allowed) -> dict:
+    """The unified model with the main table in an int8 IVF, per nprobe, beside int8 brute force."""
+    t = time.time()
+    main_ivf = unified_ivf.build_main_ivf(index, args.clusters, seed=args.seed)
+    valid = np.asarray(index.main.ids_N) >= 0
+    cents = main_ivf.ivf.centroids_LxD
+    size_L = np.bincount(
+        np.asarray(assign_clusters(index.main.emb_NxD, cents))[valid], minlength=args.clusters
+    )
+    k, n = args.k, args.n_final
+    target_f = np.where(allowed[ex.targets_CxM], ex.targets_CxM, 0)
+    out = {
+        "clusters": args.clusters,
+        "cluster_size_min_median_max": f"{size_L.min()} / {int(np.median(size_L))} / {size_L.max()}",
+        "build_seconds": round(time.time() - t, 1),
+        f"int8_brute_force_pipeline@{n}": recall_at(ids8, ex.targets_CxM),
+    }
+    for p in args.nprobe:
+        ur = UnifiedRetrieval(model, UnifiedConfig(k=k, n_final=n, index="ivf", nprobe=p, ann_impl="xla"))
+        ids, cands = serve_all(ur, index, ex, us_test, ivf=main_ivf)
+        probes = np.asarray(probe_clusters(u_test, cents, p))
+        ids_f, _ = serve_all(ur, index, ex, us_test, allowed=allowed, ivf=main_ivf)
+        out |= {
+            f"nprobe={p}: items_scanned_fraction": float(size_L[probes].sum(1).mean() / valid.sum()),
+            f"nprobe={p}: pipeline_recall@{n}": recall_at(ids, ex.targets_CxM),
+            f"nprobe={p}: candidates_in_exact_top{k}": float(
+                np.mean([np.isin(a, b).mean() for a, b in zip(cands, exact_k, strict=True)])
+            ),
+            f"nprobe={p}: candidates_in_int8_brute_top{k}": float(
+                np.mean([np.isin(a, b).mean() for a, b in zip(cands, cands8, strict=True)])
+            ),
+            f"nprobe={p}: comedy_violations": int((~allowed[ids_f[ids_f >= 0]]).sum()),
+            f"nprobe={p}: comedy_recall@{n}": recall_at(ids_f, target_f),
+        }
+    # main + fresh (10% of the items fresh) with the IVF over the reduced main table, largest nprobe
+    p = max(args.nprobe)
+    split_ivf = unified_ivf.build_main_ivf(split_index, args.clusters, seed=args.seed)
+    ur = UnifiedRetrieval(model, UnifiedConfig(k=k, n_final=n, index="ivf", nprobe=p, ann_impl="xla"))
+    ids_s, _ = serve_all(ur, split_index, ex, us_test, ivf=split_ivf)
+    out[f"main+fresh, nprobe={p}: pipeline_recall@{n}"] = recall_at(ids_s, ex.targets_CxM)
+    return out
 
 
 def print_table(results: dict) -> None:
