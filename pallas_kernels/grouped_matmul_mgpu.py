@@ -262,8 +262,8 @@ def check_inputs(x_MxK, w_GxKxN, group_sizes_G, tiles: MgpuTiles) -> None:
         raise ValueError(f"N: expected a multiple of bn={tiles.bn}, got {n}")
     if tiles.bm % 64 or tiles.bn % 8 or tiles.bk * jnp.dtype(x_MxK.dtype).itemsize % 32:
         raise ValueError(f"tiles: expected bm % 64 == 0, bn % 8 == 0, 16-bit bk % 16 == 0, got {tiles}")
-    if tiles.compute_wgs not in (1, 2) or (tiles.bn // tiles.compute_wgs) % 64:
-        raise ValueError(f"tiles: expected compute_wgs 1 or 2 with (bn / compute_wgs) % 64 == 0, got {tiles}")
+    if tiles.compute_wgs not in (1, 2) or (tiles.compute_wgs == 2 and tiles.bn % 128):
+        raise ValueError(f"tiles: expected compute_wgs 1, or 2 with bn % 128 == 0, got {tiles}")
     if smem_bytes(tiles) > SMEM_LIMIT:
         raise ValueError(
             f"tiles: need {smem_bytes(tiles)} B of shared memory, Hopper has {SMEM_LIMIT}: {tiles}"

@@ -126,7 +126,7 @@ def test_bad_inputs(rng):
     big = mg.MgpuTiles(bm=256, bn=256, bk=64, max_concurrent_steps=4)
     with pytest.raises(ValueError, match="shared memory"):
         run(x, jnp.zeros((2, K, 256), jnp.bfloat16), sizes, tiles=big, interpret=True)
-    with pytest.raises(ValueError, match="compute_wgs 1 or 2"):
+    with pytest.raises(ValueError, match="compute_wgs 1, or 2 with bn % 128"):
         run(x, w, sizes, tiles=mg.MgpuTiles(bm=64, bn=64, compute_wgs=2), interpret=True)
 
 
