@@ -1,6 +1,12 @@
-"""MPZCH vs modulo hashing at equal table size, on raw item IDs (issue 3, item 4). CPU-sized.
+"""MPZCH vs modulo hashing at equal table size, on raw item IDs (issue 3, item 4), through the Trainer.
 
-Datasets (raw IDs, no dense vocabulary):
+Every setting trains a recjax model (``--model sasrec|hstu``, several with commas) with
+``recjax.train.trainer.Trainer(..., id_remapper=ItemIdRemapper(...))``: the remap, the reset of re-assigned
+rows (embedding + Adam moments) and the unchanged loss step run in the trainer's jitted step; evaluation goes
+through the read-only remap; the remap state is checkpointed with the parameters (a killed run resumes from
+``<out>/runs/<setting>`` when rerun with ``--resume``).
+
+Datasets (raw IDs, no dense vocabulary; fixed by ``--data-seed``, the same for every training seed):
 - ``ml-1m``: MovieLens-1M (SASRec form) mapped back to the original MovieLens movie IDs through
   ``sas_to_original_items.txt``; a subset of users (``--users``), shuffled epochs.
 - ``churn``: a synthetic stream with ID churn (``churn_dataset``): random 31-bit item IDs, a fixed-size pool
@@ -8,17 +14,20 @@ Datasets (raw IDs, no dense vocabulary):
   follow item clusters (learnable) and advance in time. Trained in time order (each epoch replays the stream
   oldest first) and evaluated on the most recent 30 % of users, as a served model would be.
 
-Per dataset and table size (``--factors`` x the number of distinct item IDs): SASRec (small) trained with
-``recjax.train.trainer.make_train_step`` wrapped by ``zch_remap.make_zch_train_step``; reported:
+Per dataset, model, table size (``--factors`` x the number of distinct item IDs), method and seed
+(``--seeds``; the table shows mean +- std over seeds):
 - ``coll``: collision rate. modulo: distinct IDs sharing their row with another distinct ID (static);
-  MPZCH: ID occurrences in the last epoch with no own row (fallback), i.e. sharing or losing a row.
+  MPZCH: ID occurrences in the last epoch with no own row (fallback).
 - ``evict``: MPZCH evictions per ID occurrence in the last epoch (an evicted ID comes back fresh).
-- ``inherit``: freshness - of the IDs seen for the first time during training, the fraction whose row had
-  already been trained for another ID (modulo: by construction > 0; MPZCH: 0 unless the row reset failed).
+- ``inherit``: freshness violations in the last epoch: of the ID occurrences that arrive on a row last
+  trained for another ID, the fraction whose row was not reset (it inherits the other ID's embedding and
+  Adam moments). modulo: > 0 as soon as IDs share rows; MPZCH: 0 by construction.
 - ``unknown``: test targets with no row at evaluation (MPZCH read-only lookup; counted as misses).
-- ``hr@10``: leave-one-out test HR@10, full ranking over the model's rows (unused rows included).
+- ``hr@10`` / ``ndcg@10``: leave-one-out test metrics, full ranking over the model's rows (unused rows
+  included).
 
-    PYTHONPATH=. python experiments/zch_experiment.py --out /tmp/zch_exp [--small]
+    PYTHONPATH=. python experiments/zch_experiment.py --out /tmp/zch_exp [--small] [--model sasrec,hstu]
+        [--seeds 0,1,2] [--datasets ml-1m,churn] [--factors 0.5,1,2]
 """
 
 from __future__ import annotations
@@ -29,11 +38,11 @@ import datetime
 import json
 import pathlib
 import platform
+import shutil
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -42,13 +51,16 @@ from recjax.data.paths import data_dir
 from recjax.data.splits import leave_one_out
 from recjax.data.types import SequenceDataset
 from recjax.embeddings import zch_remap as zr
-from recjax.eval import ranking
-from recjax.models.sasrec import SASRec, SASRecConfig
-from recjax.train.trainer import LossConfig, TrainConfig, make_optimizer, make_train_step
+from recjax.models.registry import build_model
+from recjax.train.trainer import LossConfig, TrainConfig, Trainer
+
+MODELS = ("sasrec", "hstu")
+METRICS = ("coll", "evict", "inherit", "unknown", "hr@10", "ndcg@10")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
+    model: str = "sasrec"
     embed_dim: int = 32
     max_len: int = 50
     num_blocks: int = 1
@@ -58,8 +70,14 @@ class RunConfig:
     num_negatives: int = 64
     max_probe: int = 64
     eviction: str = "lru"
-    seed: int = 0
-    rank_used_only: bool = False  # evaluation ranks only rows some training ID used (no empty random rows)
+    seed: int = 0  # model init, dropout and batch order
+    data_seed: int = 0  # the ML-1M user subset / the churn stream
+    devices: int = 1  # data-parallel devices (0: all)
+    impl: str = "auto"  # remap implementation (auto: Pallas on a supporting GPU, XLA elsewhere)
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"RunConfig.model: expected one of {MODELS}, got {self.model!r}")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -118,168 +136,150 @@ def churn_dataset(
 
 
 # ------------------------------------------------------------------------------------------- training
-class Freshness:
-    """Host-side row ownership: was a first-seen ID's row already trained for another ID?"""
-
-    def __init__(self, num_rows: int):
-        self.owner = np.full(num_rows, -1, np.int64)
-        self.seen: set[int] = set()
-        self.new = self.inherited = 0
-
-    def update(self, raw_ids, rows, reset):
-        self.owner[np.asarray(reset)] = -1
-        raw_ids, rows = np.asarray(raw_ids).reshape(-1), np.asarray(rows).reshape(-1)
-        keep = (raw_ids > 0) & (rows > 0)
-        pairs = np.unique(np.stack([raw_ids[keep], rows[keep]], 1), axis=0)
-        for i, r in pairs:
-            if int(i) not in self.seen:
-                self.seen.add(int(i))
-                self.new += 1
-                self.inherited += int(self.owner[r] not in (-1, i))
-        self.owner[pairs[:, 1]] = pairs[:, 0]
-
-    @property
-    def rate(self) -> float:
-        return self.inherited / max(self.new, 1)
+_COMPILED: dict = {}  # settings that differ only in the seed share jitted functions (one compilation)
 
 
-def train_and_eval(split, table_size: int, method: str, cfg: RunConfig, *, time_ordered: bool, eval_rows):
+def _in_time_order(examples, batch_size, *, shuffle, seed, epoch, drop_remainder):
+    """The Trainer's batch iterator for a stream: every epoch replays the examples oldest first."""
+    del shuffle
+    return batching.batches(
+        examples, batch_size, shuffle=False, seed=seed, epoch=epoch, drop_remainder=drop_remainder
+    )
+
+
+def _model_kw(cfg: RunConfig) -> dict:
+    kw = dict(max_len=cfg.max_len, embed_dim=cfg.embed_dim, num_blocks=cfg.num_blocks)
+    if cfg.model == "sasrec":
+        return kw | dict(ffn_hidden_dim=cfg.embed_dim)
+    return kw | dict(attention_dim=cfg.embed_dim, linear_dim=cfg.embed_dim)
+
+
+def make_trainer(split, table_size: int, method: str, cfg: RunConfig, workdir, *, time_ordered: bool):
+    """A Trainer of ``cfg.model`` on raw IDs through an MPZCH / modulo remapper of ``table_size`` rows."""
     remapper = zr.ItemIdRemapper(
         zr.RemapConfig(
-            table_size, method=method, max_probe=cfg.max_probe, eviction=cfg.eviction, impl="auto"
-        ),
-        seed=cfg.seed,
-    )
-    mcfg = SASRecConfig(
-        num_items=remapper.num_items,
-        max_len=cfg.max_len,
-        embed_dim=cfg.embed_dim,
-        num_blocks=cfg.num_blocks,
-        ffn_hidden_dim=cfg.embed_dim,
-    )
-    model = SASRec(mcfg, rngs=nnx.Rngs(cfg.seed))
-    model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tcfg = TrainConfig(learning_rate=cfg.learning_rate, b2=0.98)
-    opt = make_optimizer(tcfg)
-    opt_state = opt.init(params)
-    step_fn = zr.make_zch_train_step(
-        make_train_step(graphdef, opt, LossConfig(num_negatives=cfg.num_negatives)), remapper
-    )
-    zch_state = remapper.init_state()
-    train = split.train_examples(cfg.max_len)
-    fresh = Freshness(remapper.num_rows)
-    step, key = 0, jax.random.key(cfg.seed)
-    for epoch in range(cfg.epochs):
-        last = dict(ids=0, fallbacks=0, evictions=0)
-        for b in batching.batches(
-            train, cfg.batch_size, shuffle=not time_ordered, seed=cfg.seed, epoch=epoch
-        ):
-            b = {k: b[k] for k in ("inputs", "targets", "mask")}
-            params, rest, opt_state, zch_state, _, stats, rows = step_fn(
-                params, rest, opt_state, zch_state, b, jax.random.fold_in(key, step), step
-            )
-            step += 1
-            fresh.update(
-                np.concatenate([b["inputs"], b["targets"]]),
-                np.concatenate([np.asarray(rows["inputs"]), np.asarray(rows["targets"])]),
-                rows["reset"],
-            )
-            for k in last:
-                last[k] += int(stats[k])
-    # Evaluation: read-only remap, full ranking over the model's rows; unknown targets are misses.
-    model_eval = nnx.merge(graphdef, params, rest)
-    model_eval.eval()
-    items = model_eval.candidate_embeddings()
-    hits = n = unknown = 0
-    for b in batching.batches(eval_rows, 256):
-        rb, _, _, _ = remapper.remap(
-            zch_state, {k: b[k] for k in ("inputs", "mask", "target", "exclude")}, step, training=False
+            table_size, method=method, max_probe=cfg.max_probe, eviction=cfg.eviction, impl=cfg.impl
         )
-        q = model_eval.user_embedding(model_eval(rb["inputs"], rb["mask"]))
-        known = np.asarray(rb["target_known"]) & b["valid"]
-        tgt = jnp.where(rb["target_known"], rb["target"], 1)
-        exclude = rb["exclude"]
-        if cfg.rank_used_only:  # never-used rows (random init) are not candidates
-            unused = np.flatnonzero(fresh.owner[1:] == -1) + 1
-            exclude = jnp.concatenate([exclude, jnp.broadcast_to(unused, (exclude.shape[0], unused.size))], 1)
-        s = ranking.rank_batch(q, items, tgt, exclude, jnp.asarray(known), ks=(10,), impl="xla")
-        hits += float(s["hr@10"])
-        n += int(b["valid"].sum())
-        unknown += int((b["valid"] & ~np.asarray(rb["target_known"])).sum())
-    if method == "modulo":
-        all_ids = np.concatenate([s for s in split.dataset.sequences])
-        coll = zr.modulo_collision_rate(all_ids, table_size)
-    else:
-        coll = last["fallbacks"] / max(last["ids"], 1)
-    return {
-        "coll": coll,
-        "evict": last["evictions"] / max(last["ids"], 1),
-        "inherit": fresh.rate,
-        "new_ids": fresh.new,
-        "unknown": unknown / max(n, 1),
-        "hr@10": hits / max(n, 1),
-        "steps": step,
-    }
-
-
-def remap_only(split, table_size: int, method: str, cfg: RunConfig, *, time_ordered: bool, eval_rows):
-    """The ID-side metrics without a model (seconds): the training stream goes through the remapper only
-    (one jitted remap), then a read-only lookup of the test targets. HR@10 is NaN."""
-    remapper = zr.ItemIdRemapper(
-        zr.RemapConfig(
-            table_size, method=method, max_probe=cfg.max_probe, eviction=cfg.eviction, impl="auto"
-        ),
-        seed=cfg.seed,
     )
+    model = build_model(
+        cfg.model, remapper.num_items, rngs=nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1), **_model_kw(cfg)
+    )
+    tcfg = TrainConfig(
+        batch_size=cfg.batch_size,
+        num_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        b2=0.98,
+        seed=cfg.seed,
+        eval_every_epochs=cfg.epochs,  # validation once, at the end (early stopping off)
+        patience=0,
+        early_stop_metric="hr@10",
+        ks=(10,),
+        eval_batch_size=256,
+        num_devices=cfg.devices,
+        progress=False,
+        loss=LossConfig(num_negatives=cfg.num_negatives),
+    )
+    trainer = Trainer(
+        model,
+        split,
+        tcfg,
+        workdir,
+        max_len=cfg.max_len,
+        batch_iter=_in_time_order if time_ordered else None,
+        id_remapper=remapper,
+    )
+    key = (dataclasses.replace(cfg, seed=0), table_size, method, time_ordered)
+    shared = _COMPILED.get(key)
+    if shared is not None and shared[0] == trainer.graphdef:
+        for name, fn in shared[1].items():
+            setattr(trainer, name, fn)
+    else:
+        names = ("train_step", "remap_step", "eval_remap", "query")
+        _COMPILED[key] = (trainer.graphdef, {n: getattr(trainer, n) for n in names})
+    return trainer
 
-    @jax.jit
-    def fn(st, b, step):
-        rows, st, reset, stats = remapper.remap(st, b, step)
-        return st, reset, stats, rows
 
-    zch_state, fresh, step = remapper.init_state(), Freshness(remapper.num_rows), 0
-    train = split.train_examples(cfg.max_len)
-    for epoch in range(cfg.epochs):
-        last = dict(ids=0, fallbacks=0, evictions=0)
-        for b in batching.batches(
-            train, cfg.batch_size, shuffle=not time_ordered, seed=cfg.seed, epoch=epoch
-        ):
-            b = {k: b[k] for k in ("inputs", "targets")}
-            zch_state, reset, stats, rows = fn(zch_state, b, step)
-            step += 1
-            fresh.update(
-                np.concatenate([b["inputs"], b["targets"]]),
-                np.concatenate([np.asarray(rows["inputs"]), np.asarray(rows["targets"])]),
-                reset,
-            )
-            for k in last:
-                last[k] += int(stats[k])
-    ev, _, _, _ = remapper.remap(zch_state, {"target": eval_rows["target"]}, step, training=False)
+def train_and_eval(
+    split, table_size: int, method: str, cfg: RunConfig, *, time_ordered: bool, eval_rows, workdir
+) -> dict:
+    trainer = make_trainer(split, table_size, method, cfg, workdir, time_ordered=time_ordered)
+    trainer.test_examples = eval_rows  # churn: the most recent users only
+    res = trainer.fit()
+    last = res["remap_last_epoch"]
     if method == "modulo":
         coll = zr.modulo_collision_rate(np.concatenate(split.dataset.sequences), table_size)
     else:
-        coll = last["fallbacks"] / max(last["ids"], 1)
+        coll = last["fallback_rate"]
     return {
         "coll": coll,
-        "evict": last["evictions"] / max(last["ids"], 1),
-        "inherit": fresh.rate,
-        "new_ids": fresh.new,
+        "evict": last["eviction_rate"],
+        "inherit": last["inherited_rate"],
+        "unknown": res["test"]["unknown_target_rate"],
+        "hr@10": res["test"]["hr@10"],
+        "ndcg@10": res["test"]["ndcg@10"],
+        "steps": res["steps"],
+    }
+
+
+def remap_only(split, table_size: int, method: str, cfg: RunConfig, *, time_ordered: bool, eval_rows, **_):
+    """The ID-side metrics without a model (seconds): the training stream (the Trainer's batch order)
+    goes through the remapper only (one jitted remap), then a read-only lookup of the test targets.
+    HR@10 is NaN."""
+    remapper = zr.ItemIdRemapper(
+        zr.RemapConfig(
+            table_size, method=method, max_probe=cfg.max_probe, eviction=cfg.eviction, impl=cfg.impl
+        )
+    )
+
+    @jax.jit
+    def fn(st, totals, b, step):
+        _, st, _, stats = remapper.remap(st, b, step)
+        return st, {k: totals[k] + stats[k] for k in totals}
+
+    state, step = remapper.init_state(), 0
+    train = split.train_examples(cfg.max_len)
+    for epoch in range(cfg.epochs):
+        totals = {k: np.int32(0) for k in zr.COUNTERS}
+        for b in batching.batches(
+            train, cfg.batch_size, shuffle=not time_ordered, seed=cfg.seed, epoch=epoch
+        ):
+            state, totals = fn(state, totals, {k: b[k] for k in ("inputs", "targets")}, step)
+            step += 1
+    last = {k: float(v) for k, v in jax.device_get(remapper.rates(totals, state)).items()}
+    ev, _, _, _ = remapper.remap(state, {"target": eval_rows["target"]}, step, training=False)
+    if method == "modulo":
+        coll = zr.modulo_collision_rate(np.concatenate(split.dataset.sequences), table_size)
+    else:
+        coll = last["fallback_rate"]
+    return {
+        "coll": coll,
+        "evict": last["eviction_rate"],
+        "inherit": last["inherited_rate"],
         "unknown": float(1.0 - np.asarray(ev["target_known"]).mean()),
         "hr@10": float("nan"),
+        "ndcg@10": float("nan"),
         "steps": step,
     }
 
 
 def run(
-    dataset: str, factors, cfg: RunConfig, *, users: int, small: bool, train_model: bool = True
+    dataset: str,
+    factors,
+    cfg: RunConfig,
+    *,
+    users: int,
+    small: bool,
+    train_model: bool = True,
+    out: pathlib.Path | None = None,
+    resume: bool = False,
 ) -> list[dict]:
+    """Both methods at each table factor for one model and seed; one result dict per setting."""
     if dataset == "ml-1m":
-        ds, _ = ml1m_raw(users, cfg.seed)
+        ds, _ = ml1m_raw(users, cfg.data_seed)
         time_ordered = False
     else:
         kw = dict(num_users=users, pool=150, churn=15, num_clusters=8) if small else dict(num_users=users)
-        ds, _ = churn_dataset(seed=cfg.seed, **kw)
+        ds, _ = churn_dataset(seed=cfg.data_seed, **kw)
         time_ordered = True
     split = leave_one_out(ds)
     test = split.eval_examples("test", cfg.max_len)
@@ -287,29 +287,61 @@ def run(
         keep = test["user"] >= int(0.7 * ds.num_users)
         test = {k: v[keep] for k, v in test.items()}
     distinct = len(np.unique(np.concatenate(ds.sequences)))
-    out = []
+    runs_dir = pathlib.Path(out or "/tmp/zch_experiment") / "runs"
+    results = []
     for f in factors:
         size = max(int(round(f * distinct)), cfg.max_probe)
         for method in ("modulo", "mpzch"):
             t0 = time.time()
+            workdir = runs_dir / f"{dataset}-{cfg.model}-{method}-{f}x-seed{cfg.seed}"
+            if workdir.exists() and not resume:
+                shutil.rmtree(workdir)  # a stale run of other settings must not be resumed
             fn = train_and_eval if train_model else remap_only
-            r = fn(split, size, method, cfg, time_ordered=time_ordered, eval_rows=test)
+            r = fn(split, size, method, cfg, time_ordered=time_ordered, eval_rows=test, workdir=workdir)
             r.update(
-                dataset=dataset, distinct=distinct, factor=f, table=size, method=method, s=time.time() - t0
+                dataset=dataset,
+                model=cfg.model if train_model else "-",
+                seed=cfg.seed,
+                distinct=distinct,
+                factor=f,
+                table=size,
+                method=method,
+                s=time.time() - t0,
             )
             print(json.dumps(r), flush=True)
-            out.append(r)
+            results.append(r)
+    return results
+
+
+def aggregate(results: list[dict]) -> list[dict]:
+    """Mean and standard deviation (ddof=1; 0 for one seed) over seeds of each setting."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["dataset"], r["model"], r["factor"], r["method"]), []).append(r)
+    out = []
+    for rs in groups.values():
+        row = {k: rs[0][k] for k in ("dataset", "model", "factor", "method", "distinct", "table")}
+        row["seeds"] = len(rs)
+        for m in METRICS:
+            v = np.asarray([r[m] for r in rs], np.float64)
+            row[m] = float(v.mean())
+            row[m + "_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        out.append(row)
     return out
 
 
 def markdown(results: list[dict]) -> str:
-    head = "| dataset | distinct IDs | table | method | collision | eviction | inherited | unknown | HR@10 |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
+    head = (
+        "| dataset | model | distinct IDs | table | method | seeds | collision | eviction | inherited | "
+        "unknown | HR@10 | NDCG@10 |"
+    )
+    lines = [head, "|---" * 12 + "|"]
+    for r in aggregate(results):
+        cells = [f"{r[m]:.3f} ± {r[m + '_std']:.3f}" for m in METRICS[:4]]
+        cells += [f"{r[m]:.4f} ± {r[m + '_std']:.4f}" for m in METRICS[4:]]
         lines.append(
-            f"| {r['dataset']} | {r['distinct']} | {r['table']} ({r['factor']}x) | {r['method']} | "
-            f"{r['coll']:.3f} | {r['evict']:.3f} | {r['inherit']:.3f} | {r['unknown']:.3f} | "
-            f"{r['hr@10']:.4f} |"
+            f"| {r['dataset']} | {r['model']} | {r['distinct']} | {r['table']} ({r['factor']}x) | "
+            f"{r['method']} | {r['seeds']} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
 
@@ -320,58 +352,110 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = sorted({r["dataset"] for r in results})
+    agg = aggregate(results)
+    datasets = sorted({r["dataset"] for r in agg})
     fig, axes = plt.subplots(len(datasets), 3, figsize=(12, 3.2 * len(datasets)), squeeze=False)
     for row, d in zip(axes, datasets, strict=True):
-        for method, style in (("modulo", "o--"), ("mpzch", "s-")):
-            rs = [r for r in results if r["dataset"] == d and r["method"] == method]
-            x = [r["factor"] for r in rs]
-            for ax, key, title in zip(
-                row,
-                ("hr@10", "coll", "inherit"),
-                ("HR@10", "collision rate", "new IDs on a used row"),
-                strict=True,
-            ):
-                ax.plot(x, [r[key] for r in rs], style, label=method)
-                ax.set_title(f"{d}: {title}")
-                ax.set_xlabel("table size / distinct IDs")
-                ax.set_xscale("log", base=2)
-        row[0].legend()
+        for model in sorted({r["model"] for r in agg if r["dataset"] == d}):
+            for method, style in (("modulo", "o--"), ("mpzch", "s-")):
+                rs = sorted(
+                    (r for r in agg if (r["dataset"], r["model"], r["method"]) == (d, model, method)),
+                    key=lambda r: r["factor"],
+                )
+                x = [r["factor"] for r in rs]
+                for ax, key, title in zip(
+                    row,
+                    ("hr@10", "coll", "inherit"),
+                    ("test HR@10", "collision rate", "arrivals on a trained row, not reset"),
+                    strict=True,
+                ):
+                    ax.errorbar(
+                        x,
+                        [r[key] for r in rs],
+                        yerr=[r[key + "_std"] for r in rs],
+                        fmt=style,
+                        label=f"{model} {method}",
+                        capsize=3,
+                    )
+                    ax.set_title(f"{d}: {title}")
+                    ax.set_xlabel("table size / distinct IDs")
+                    ax.set_xscale("log", base=2)
+        row[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="/tmp/zch_experiment")
     p.add_argument("--datasets", default="ml-1m,churn")
+    p.add_argument("--model", default="sasrec", help="sasrec, hstu or both (comma-separated)")
+    p.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1,2 (mean +- std in the table)")
     p.add_argument("--factors", default="0.5,1,2")
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=RunConfig.learning_rate)
     p.add_argument("--dim", type=int, default=RunConfig.embed_dim)
-    p.add_argument("--rank-used-only", action="store_true", help="rank only rows used in training")
+    p.add_argument("--blocks", type=int, default=RunConfig.num_blocks)
+    p.add_argument("--max-len", type=int, default=RunConfig.max_len)
+    p.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
+    p.add_argument("--devices", type=int, default=1, help="data-parallel devices (0: all)")
+    p.add_argument("--impl", default="auto", help="remap implementation: auto | pallas | xla")
+    p.add_argument("--ids-only", action="store_true", help="no model: the remap stream's ID metrics only")
+    p.add_argument("--resume", action="store_true", help="continue runs found in <out>/runs")
     p.add_argument("--small", action="store_true", help="seconds-long smoke setting")
     a = p.parse_args(argv)
-    cfg = RunConfig(epochs=a.epochs, learning_rate=a.lr, embed_dim=a.dim, rank_used_only=a.rank_used_only)
+    models = a.model.split(",")
+    cfg = RunConfig(
+        model=models[0],
+        epochs=a.epochs,
+        learning_rate=a.lr,
+        embed_dim=a.dim,
+        num_blocks=a.blocks,
+        max_len=a.max_len,
+        batch_size=a.batch_size,
+        devices=a.devices,
+        impl=a.impl,
+    )
     users = a.users
     if a.small:
-        cfg = dataclasses.replace(cfg, epochs=1, embed_dim=8, max_len=20, max_probe=16, num_negatives=16)
-        users = min(users, 200)
+        cfg = dataclasses.replace(
+            cfg, epochs=1, embed_dim=8, max_len=10, max_probe=16, num_negatives=16, batch_size=64
+        )
+        users = min(users, 120)
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     factors = [float(f) for f in a.factors.split(",")]
     t0 = time.time()
     results = []
     for d in a.datasets.split(","):
-        results += run(d, factors, cfg, users=users, small=a.small)
+        for model in models if not a.ids_only else models[:1]:
+            for seed in _ints(a.seeds):
+                c = dataclasses.replace(cfg, model=model, seed=seed)
+                results += run(
+                    d,
+                    factors,
+                    c,
+                    users=users,
+                    small=a.small,
+                    train_model=not a.ids_only,
+                    out=out,
+                    resume=a.resume,
+                )
     table = markdown(results)
     print(table)
     meta = dict(
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        machine=f"{platform.processor() or platform.machine()}, {jax.devices()[0].platform}",
+        machine=f"{platform.processor() or platform.machine()}, {jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}",
         config=dataclasses.asdict(cfg),
+        models=models,
+        seeds=_ints(a.seeds),
         users=users,
         command="PYTHONPATH=. python experiments/zch_experiment.py " + " ".join(argv or sys.argv[1:]),
         wall_s=time.time() - t0,
