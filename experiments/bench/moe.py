@@ -266,6 +266,8 @@ def bench_layer(configs, n_tok, impls, blocks, dtype, ceiling, iters, has_torch)
 
 MICRO_IMPLS = ("torch", "mosaic", "fused", "ragged", "dense")  # "mosaic:128x128x64s5" = one extra config
 DEFAULT_MOSAIC_TILES = (gm_mgpu.WS_TILES, gm_mgpu.MgpuTiles())
+# Rough seconds per micro row on an H100/H200 (compile + runs): a row starts only if it fits the deadline.
+MICRO_ROW_COST_S = {"torch": 3.0, "mosaic": 5.0, "fused": 15.0, "ragged": 5.0, "dense": 3.0}
 
 
 def parse_mosaic_tiles(spec: str) -> gm_mgpu.MgpuTiles:
@@ -337,8 +339,9 @@ def bench_micro(
     mosaic_tiles=DEFAULT_MOSAIC_TILES,
     deadline=None,
 ):
-    """One row per implementation, in the order of ``impls`` (put the important ones first: rows still
-    waiting when ``deadline`` (time.perf_counter() value) has passed are printed as skipped)."""
+    """One row per implementation, in the order of ``impls`` (put the important ones first). With a
+    ``deadline`` (a time.perf_counter() value) a row starts only if its typical cost (MICRO_ROW_COST_S)
+    still fits before it; the others are printed as skipped."""
     flops = 2 * t * h * f
     bytes_ = (t * h + e * h * f + t * f) * jnp.dtype(dtype).itemsize
     print(
@@ -360,6 +363,20 @@ def bench_micro(
             flush=True,
         )
         return tf
+
+    dense_ref, bad = [], []
+
+    def verify_against_dense(name, y):
+        """The timed output itself vs a float32 batched einsum (equal groups): no extra kernel compile."""
+        if not dense_ref:
+            xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+            ref = jnp.einsum("egh,ehf->egf", xb.reshape(e, t // e, h), wb, preferred_element_type=jnp.float32)
+            dense_ref.append(np.asarray(ref.reshape(t, f)))
+        ref = dense_ref[0]
+        err = float(np.abs(np.asarray(y, np.float32) - ref).max() / np.abs(ref).max())
+        verdict = "ok" if err < 2e-2 else "BAD"
+        bad.extend([] if verdict == "ok" else [name])
+        print(f"{'':34s} output vs dense einsum: max|err|/max|ref| = {err:.2e} ({verdict})", flush=True)
 
     def jax_rows(impl):  # (name, jitted fn of (x, w)) built lazily: building compiles nothing yet
         if impl == "fused":  # gather-by-index Triton kernel, activation "linear"
@@ -395,10 +412,14 @@ def bench_micro(
         else:
             raise ValueError(f"--micro-impls: unknown {impl!r}, expected some of {MICRO_IMPLS}")
 
+    def out_of_time(impl):
+        cost = MICRO_ROW_COST_S.get(impl.partition(":")[0], 5.0)
+        return deadline is not None and time.perf_counter() + cost > deadline
+
     results = {}
     for impl in impls:
-        if deadline is not None and time.perf_counter() > deadline:
-            print(f"{impl:34s} skipped (--deadline reached)", flush=True)
+        if out_of_time(impl):
+            print(f"{impl:34s} skipped (would pass --deadline)", flush=True)
             continue
         try:
             if impl == "torch":
@@ -410,13 +431,15 @@ def bench_micro(
                     )
                 continue
             for name, fn in jax_rows(impl):
-                if deadline is not None and time.perf_counter() > deadline:
-                    print(f"{name:34s} skipped (--deadline reached)", flush=True)
+                if out_of_time(impl):
+                    print(f"{name:34s} skipped (would pass --deadline)", flush=True)
                     continue
                 results[name] = report(name, _time_back_to_back(fn, x, w, iters=iters))
+                if impl.startswith("mosaic"):
+                    verify_against_dense(name, fn(x, w))
         except Exception as err:  # noqa: BLE001 - report and keep going
             print(f"{impl:34s} ERR {type(err).__name__}: {str(err)[:600]}", flush=True)
-    return results
+    return results, not bad
 
 
 def bench_breakdown(n_tok, d, e, k, blocks, dtype, ceiling, iters):
@@ -533,7 +556,12 @@ def main(argv=None):
         "--mosaic-tiles", default="128x128x64s4", help="Mosaic configs, e.g. 128x128x64s4,64x256x64s4"
     )
     p.add_argument("--check-mosaic", action="store_true", help="Mosaic grouped GEMM vs reference first")
-    p.add_argument("--deadline", type=float, default=None, help="seconds: later micro rows are skipped")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds from start: micro rows that would pass it are skipped",
+    )
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     deadline = None if args.deadline is None else t_start + args.deadline
@@ -584,10 +612,12 @@ def main(argv=None):
     mosaic_tiles = [parse_mosaic_tiles(v) for v in args.mosaic_tiles.split(",")]
     if args.small:  # interpret mode on CPU: tiles that fit the tiny micro (K=64, N=32)
         mosaic_tiles = [gm_mgpu.MgpuTiles(bm=64, bn=32, bk=32, max_concurrent_steps=2, grid_tile_width=2)]
-    if args.check_mosaic:  # every timed Mosaic config on the card; the two kernel variants in interpret mode
+    if (
+        args.check_mosaic
+    ):  # ragged groups: the first timed config on the card, both variants in interpret mode
         on_gpu = dev.platform == "gpu"
         small_ws = gm_mgpu.MgpuTiles(64, 128, 64, 2, 2, compute_wgs=2)
-        for tiles in mosaic_tiles if on_gpu else [gm_mgpu.MgpuTiles(64, 64, 64, 2, 2), small_ws]:
+        for tiles in mosaic_tiles[:1] if on_gpu else [gm_mgpu.MgpuTiles(64, 64, 64, 2, 2), small_ws]:
             try:
                 ok = check_mosaic(tiles, interpret=not on_gpu) and ok
             except Exception as err:  # noqa: BLE001 - a failed compile must not cost the timings
@@ -600,7 +630,7 @@ def main(argv=None):
         bench_breakdown(*cfg, blocks, dtype, ceiling, args.iters)
     if args.micro or args.small:
         tiles = ({},) if args.small else (MICRO_TILES if args.micro_tiles == "all" else (MICRO_BEST,))
-        bench_micro(
+        _, micro_ok = bench_micro(
             *micro,
             blocks,
             dtype,
@@ -612,6 +642,7 @@ def main(argv=None):
             mosaic_tiles=mosaic_tiles,
             deadline=deadline,
         )
+        ok = ok and micro_ok
     bench_layer(configs, n_tok, impls, blocks, dtype, ceiling, args.iters, has_torch)
     return 0 if ok else 1
 
