@@ -1,33 +1,40 @@
-"""MPZCH remap kernels: multi-probe zero-collision hashing of raw 64-bit IDs into table slots (Pallas).
+"""MPZCH remap kernels: multi-probe zero-collision hashing of raw 64-bit IDs into table slots (Pallas Triton).
 
 Table layout: ``identity_S`` holds the raw ID stored in each slot (``EMPTY`` = all ones, i.e. int64 -1). The S
-slots are split into ``num_buckets`` buckets of ``bucket_size = S // num_buckets`` consecutive slots. An ID's
-64-bit hash (splitmix64 finalizer) picks its bucket (high 32 bits) and a start offset inside it (low 32 bits);
-its probe window is the ``max_probe`` slots ``start, start+1, ...`` taken circularly *inside the bucket*, so
-row-wise sharding by buckets keeps every probe on the device that owns the bucket.
+slots are split into ``num_buckets`` buckets; an ID's hash picks its bucket and, inside it, either one linear
+window of ``max_probe`` slots (``probing="linear"``) or two candidate windows of ``ceil(max_probe / 2)``
+aligned slots (``probing="two_choice"``, the default). Hashing, windows and the semantics are defined in
+``pallas_kernels.zch_reference`` (with the plain-JAX reference); this file holds the kernels and re-exports.
 
-Semantics (``insert_or_find``), per ID of a batch, equivalent to inserting the batch's distinct IDs one at a
-time in some order:
-  1. if the ID is stored anywhere in its window -> that slot (status HIT);
-  2. else it claims the first EMPTY slot of its window, in probe order, at its turn (status INSERTED);
-  3. else (window full) -> slot -1 (status FULL); the table is unchanged for it. Nothing live is overwritten.
-Repeated IDs in a batch get the same slot; distinct IDs get distinct slots. Eviction (freeing slots) is the
-caller's business (recjax.embeddings.zch); because it leaves holes, step 1 always scans the whole window
-before step 2 claims (a hole before a live ID must not lead to a second copy).
+Kernel (one launch for the whole batch): each program takes ``block`` IDs.
+Pass 1 (read only) scans the window(s), ``width`` consecutive slots per window per step (a 2-D gather: 8 slots
+= 64 B = two sectors), the two windows of an ID side by side in the same step; it stops early once every lane
+of the program found its ID (lookups of stored IDs), otherwise reads every window completely (eviction leaves
+holes: an EMPTY slot before a live copy must not lead to a second copy). For inserts it also counts the EMPTY
+slots of each window and notes the first one.
+Pass 2 claims with a 64-bit compare-and-swap ``CAS(slot, EMPTY, id)`` along the lane's probe sequence from its
+first EMPTY: linear: the window in order; two_choice: the preferred window (more EMPTY slots in pass 1, ties
+-> the first), then the other one from its first EMPTY. Old value EMPTY -> claimed (INSERTED); the lane's
+own ID -> a concurrent lane inserted the same ID (HIT); anything else -> next probe. End of the sequence ->
+FULL (slot -1): every slot of every window was live.
 
-Kernel (one launch for the whole batch): each program takes ``block`` IDs; pass 1 is a read-only scan of the
-window (early exit once every lane found its ID); pass 2 claims with a 64-bit compare-and-swap
-``CAS(slot, EMPTY, id)`` from the lane's first empty probe position onward: an old value EMPTY means claimed,
-the lane's own ID means a concurrent lane inserted the same ID (found), anything else means keep probing.
-Slots only go EMPTY -> ID inside a launch, which makes this race-free (a stale EMPTY read in pass 1 only
-moves the lane's claim start earlier; CASes are coherent).
+Concurrency argument. Inside a launch slots only go EMPTY -> ID (nothing is freed or moved), so (i) an ID
+stored before the launch is found by pass 1 (the whole window set is read) and never inserted again; (ii) a
+stale EMPTY seen in pass 1 only makes a lane try a slot that meanwhile got taken, which its CAS detects, and
+the first-EMPTY offsets can only be too early, never skip a free slot; (iii) two lanes with *distinct* IDs
+can only meet at a slot through the CAS on EMPTY, which admits exactly one of them: distinct IDs get distinct
+slots and nothing live is overwritten. The remaining hazard is two lanes with the *same* new ID: with linear
+probing they walk the same probe order and meet in the CAS (the loser reads its own ID and takes that slot),
+so the linear wrapper feeds the batch as is. With two_choice the two lanes read the window loads at different
+moments and may prefer different windows - the ID would be stored twice. The two_choice wrapper therefore
+dedupes the batch first (a sort: each distinct ID appears in one lane per launch, ``zch_reference.dedupe``)
+and maps the results back to the repeats, so only (i)-(iii) apply. The preference itself is advisory: the
+loads a lane reads may include some of the same launch's insertions (the reference reads the table at the
+start of the call), which changes which window a new ID lands in, never the guarantees: same ID -> one slot,
+distinct IDs -> distinct slots, FULL only when both windows are full, lookup finds every stored ID.
 
-Deviation / JAX limitation: ``jax.experimental.pallas.triton.atomic_cas`` (jax 0.11.2) only accepts a
-*scalar* ref (no indexer, no mask) — ``atomic_cas(ref.at[i], ...)`` fails to trace — so it cannot address a
-table element. This file defines its own small primitive ``table_cas(ref, idx_B, cmp_B, val_B)`` with a
-Triton lowering to ``tt.atomic_cas`` on a tensor of pointers (``ref + idx``), and a state-discharge rule that
-applies the lanes one after another, so ``interpret=True`` (CPU) runs the same kernel as a valid
-serialization. Masked-off lanes CAS ``EMPTY -> EMPTY`` (a no-op) since ``tt.atomic_cas`` has no mask.
+The CAS primitive is ``pallas_kernels.zch_cas.table_cas`` (``plt.atomic_cas`` takes only a scalar ref in jax
+0.11.2); in interpret mode (CPU) its lanes apply one after another, one valid serialization.
 
 ID representation: JAX without ``jax_enable_x64`` has no 64-bit integers, and the library runs in 32-bit
 mode. Public arrays therefore carry raw IDs and identities as uint32 pairs ``(..., 2) = [low, high]``; the
@@ -35,7 +42,7 @@ functions here enable x64 locally (``jax.enable_x64(True)``, legal inside an out
 to int64 for the kernel and the reference. ``split_ids`` / ``join_ids`` convert numpy int64 <-> pairs.
 Slots are int32 (tables below 2**31 slots).
 
-Letters: N IDs in the batch, S table slots, P max_probe, B lanes per program.
+Letters: N IDs in the batch, S table slots, B lanes per program, W probes per window per step.
 """
 
 from __future__ import annotations
@@ -46,173 +53,128 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax._src import core as jax_core
-from jax._src import state
-from jax._src.lib.triton import dialect as tt_dialect
-from jax._src.pallas.triton import lowering as tl
-from jax._src.state import discharge as state_discharge
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-EMPTY = -1  # int64 all ones; raw IDs are >= 0
-STATUS_HIT, STATUS_INSERTED, STATUS_FULL, STATUS_PAD = 0, 1, 2, 3
-
-
-# ----------------------------------------------------------------------------- compare-and-swap on a table
-
-
-table_cas_p = jax_core.Primitive("zch_table_cas")
-
-
-@table_cas_p.def_effectful_abstract_eval
-def _table_cas_abstract_eval(ref_aval, idx_aval, cmp_aval, val_aval):
-    if not (idx_aval.shape == cmp_aval.shape == val_aval.shape) or len(idx_aval.shape) != 1:
-        raise ValueError("table_cas: idx, cmp and val must be vectors of one shape")
-    if cmp_aval.dtype != val_aval.dtype or ref_aval.dtype != val_aval.dtype:
-        raise ValueError("table_cas: ref, cmp and val must share a dtype")
-    return jax_core.ShapedArray(val_aval.shape, val_aval.dtype), {state.WriteEffect(0)}
-
-
-def table_cas(ref, idx_B, cmp_B, val_B):
-    """Per lane: ``old = ref[idx]; if old == cmp: ref[idx] = val``; returns the olds (atomic per lane)."""
-    return table_cas_p.bind(ref, idx_B, cmp_B, val_B)
-
-
-@state_discharge.register_discharge_rule(table_cas_p)
-def _table_cas_discharge_rule(ctx, ref, idx_B, cmp_B, val_B):
-    del ctx
-
-    def lane(i, carry):  # lanes in order: one valid serialization of the atomics
-        table, old = carry
-        cur = table[idx_B[i]]
-        table = table.at[idx_B[i]].set(jnp.where(cur == cmp_B[i], val_B[i], cur))
-        return table, old.at[i].set(cur)
-
-    table, old = lax.fori_loop(0, idx_B.shape[0], lane, (ref, jnp.zeros_like(val_B)))
-    return (table, None, None, None), old
-
-
-@tl.register_lowering(table_cas_p)
-def _table_cas_lowering_rule(ctx: tl.LoweringRuleContext, ptr, idx, cmp, val):
-    _, idx_aval, cmp_aval, val_aval = ctx.avals_in
-    idx = tl._ensure_ir_value(idx, idx_aval)
-    ptrs = tl._add(tl._bcast_to(ptr, idx_aval.shape), idx)
-    result_type = tl.ir.RankedTensorType.get(idx_aval.shape, tt_dialect.PointerType(ptr.type).pointee_type)
-    return tt_dialect.atomic_cas(
-        result_type,
-        ptrs,
-        tl._ensure_ir_value(cmp, cmp_aval),
-        tl._ensure_ir_value(val, val_aval),
-        sem=tt_dialect.MemSemantic.ACQUIRE_RELEASE,
-        scope=tt_dialect.MemSyncScope.GPU,
-    )
-
-
-# ----------------------------------------------------------------------------- hashing and windows (int64)
-
-
-def _as_i64(c: int) -> int:
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-_MIX1, _MIX2 = _as_i64(0xBF58476D1CE4E5B9), _as_i64(0x94D049BB133111EB)
-
-
-def _srl(x, n: int):
-    return lax.shift_right_logical(x, jnp.int64(n))
-
-
-def hash64(x):
-    """splitmix64 finalizer (a bijection of 64-bit words with full avalanche) on int64, wrapping arithmetic.
-
-    int64 rather than uint64 on purpose: the Triton lowering cannot build uint64 constants >= 2**63."""
-    x = x ^ _srl(x, 30)
-    x = x * jnp.int64(_MIX1)
-    x = x ^ _srl(x, 27)
-    x = x * jnp.int64(_MIX2)
-    return x ^ _srl(x, 31)
-
-
-def window(ids, num_buckets: int, bucket_size: int):
-    """(first slot of the ID's bucket, start offset inside it), int32."""
-    h = hash64(ids)
-    bucket = _srl(h, 32) % num_buckets
-    start = (h & 0xFFFFFFFF) % bucket_size
-    return (bucket * bucket_size).astype(jnp.int32), start.astype(jnp.int32)
+from pallas_kernels import zch_reference as ref
+from pallas_kernels.zch_cas import table_cas, table_cas_p  # noqa: F401  (re-exported)
+from pallas_kernels.zch_reference import (  # noqa: F401  (re-exported: the module's historical API)
+    EMPTY,
+    PROBINGS,
+    STATUS_FULL,
+    STATUS_HIT,
+    STATUS_INSERTED,
+    STATUS_PAD,
+    hash64,
+    insert_or_find_reference_i64,
+    lookup_reference_i64,
+    probe_windows,
+    window,
+    zch_lookup_reference,
+    zch_reference,
+)
 
 
 def _any(mask_B):
     return jnp.max(mask_B.astype(jnp.int32)) > 0
 
 
-def _scan_window(table_ref, ids, valid, base, start, *, bucket_size, max_probe, width):
-    """Pass 1 (read only): the ID's slot in its window (-1 if absent) and its first EMPTY probe (-1: none).
-
-    Each step reads ``width`` consecutive probes per lane (a 2-D gather: 8 slots = 64 B = two sectors), so a
-    block of lanes waits for its longest probe chain / width steps instead of its longest chain."""
+def _scan_windows(table_ref, ids, valid, base, starts, *, bucket_size, length, width, count):
+    """Pass 1 (read only) -> (found_B, slot_B (-1 absent), first EMPTY offset per window (tuple of K, -1:
+    none), EMPTY count per window (tuple of K)); the last two only when ``count`` (inserts)."""
     big = jnp.int32(2**30)
     offs_W = lax.broadcasted_iota(jnp.int32, (1, width), 1)
+    k_windows = len(starts)
 
     def cond(c):
-        p, found, _, _ = c
-        return (p < max_probe) & _any(valid & ~found)
+        p, found = c[0], c[1]
+        return (p < length) & _any(valid & ~found)
 
     def body(c):
-        p, found, first_empty, slot = c
+        p, found, slot, first_empty, n_empty = c
         offs = p + offs_W  # (1, W)
-        s = base[:, None] + (start[:, None] + offs) % bucket_size  # (B, W)
-        cur = table_ref[s]
-        inwin = offs < max_probe
-        hit = (valid & ~found)[:, None] & (cur == ids[:, None]) & inwin
-        hit_slot = jnp.max(jnp.where(hit, s, -1), axis=1)
-        empty_at = jnp.min(jnp.where((cur == EMPTY) & inwin, offs, big), axis=1)
-        first_empty = jnp.where((first_empty < 0) & (empty_at < big), empty_at, first_empty)
-        return p + width, found | (hit_slot >= 0), first_empty, jnp.where(hit_slot >= 0, hit_slot, slot)
+        inwin = offs < length
+        fe_out, cnt_out = [], []
+        for k in range(k_windows):  # the windows side by side: a hit in either ends the lane's search
+            s = base[:, None] + (starts[k][:, None] + offs) % bucket_size  # (B, W)
+            cur = table_ref[s]
+            hit = (valid & ~found)[:, None] & (cur == ids[:, None]) & inwin
+            hit_slot = jnp.max(jnp.where(hit, s, -1), axis=1)
+            found, slot = found | (hit_slot >= 0), jnp.where(hit_slot >= 0, hit_slot, slot)
+            if count:
+                empty = (cur == EMPTY) & inwin
+                empty_at = jnp.min(jnp.where(empty, offs, big), axis=1)
+                fe = first_empty[k]
+                fe_out.append(jnp.where((fe < 0) & (empty_at < big), empty_at, fe))
+                cnt_out.append(n_empty[k] + jnp.sum(empty.astype(jnp.int32), axis=1, dtype=jnp.int32))
+        return p + width, found, slot, tuple(fe_out), tuple(cnt_out)
 
     minus = jnp.full(ids.shape, -1, jnp.int32)
-    init = (jnp.int32(0), jnp.zeros(ids.shape, jnp.bool_), minus, minus)
-    _, found, first_empty, slot = lax.while_loop(cond, body, init)
-    return found, first_empty, slot
+    zeros = jnp.zeros(ids.shape, jnp.int32)
+    per_window = (tuple(minus for _ in starts), tuple(zeros for _ in starts)) if count else ((), ())
+    init = (jnp.int32(0), jnp.zeros(ids.shape, jnp.bool_), minus) + per_window
+    _, found, slot, first_empty, n_empty = lax.while_loop(cond, body, init)
+    return found, slot, first_empty, n_empty
 
 
-def _lookup_kernel(ids_ref, table_ref, slot_ref, *, bucket_size, num_buckets, max_probe, width):
+def _lookup_kernel(ids_ref, table_ref, slot_ref, *, bucket_size, num_buckets, max_probe, probing, width):
     ids = ids_ref[...]
-    valid = ids != EMPTY
-    base, start = window(ids, num_buckets, bucket_size)
-    _, _, slot = _scan_window(
-        table_ref, ids, valid, base, start, bucket_size=bucket_size, max_probe=max_probe, width=width
+    _, length, _ = ref.geometry(bucket_size, max_probe, probing)
+    base, starts = probe_windows(ids, num_buckets, bucket_size, max_probe, probing)
+    _, slot, _, _ = _scan_windows(
+        table_ref,
+        ids,
+        ids != EMPTY,
+        base,
+        starts,
+        bucket_size=bucket_size,
+        length=length,
+        width=width,
+        count=False,
     )
     slot_ref[...] = slot
 
 
 def _insert_kernel(
-    ids_ref, table_in_ref, table_ref, slot_ref, status_ref, *, bucket_size, num_buckets, max_probe, width
+    ids_ref,
+    table_in_ref,
+    table_ref,
+    slot_ref,
+    status_ref,
+    *,
+    bucket_size,
+    num_buckets,
+    max_probe,
+    probing,
+    width,
 ):
     del table_in_ref  # aliased with table_ref
     ids = ids_ref[...]
     valid = ids != EMPTY
-    base, start = window(ids, num_buckets, bucket_size)
-    found, first_empty, slot = _scan_window(
-        table_ref, ids, valid, base, start, bucket_size=bucket_size, max_probe=max_probe, width=width
+    k_windows, length, _ = ref.geometry(bucket_size, max_probe, probing)
+    base, starts = probe_windows(ids, num_buckets, bucket_size, max_probe, probing)
+    found, slot, first_empty, n_empty = _scan_windows(
+        table_ref, ids, valid, base, starts, bucket_size=bucket_size, length=length, width=width, count=True
     )
+    s_pref, s_other, fe_pref, fe_other = ref.preferred_order(starts, first_empty, n_empty)
+    end = k_windows * length
     empty_B = jnp.full(ids.shape, EMPTY, ids.dtype)
 
     def cond(c):
-        _, pending, _, _ = c
-        return _any(pending)
+        return _any(c[1])
 
-    def body(c):  # pass 2: claim with CAS from the first empty probe on
-        p, pending, slot, inserted = c
-        s = base + (start + p) % bucket_size
+    def body(c):  # pass 2: claim with CAS along the probe sequence
+        q, pending, slot, inserted = c
+        s = ref.probe_slot(base, s_pref, s_other, q, length, bucket_size)
         old = table_cas(table_ref, s, empty_B, jnp.where(pending, ids, empty_B))
         claimed = pending & (old == EMPTY)
         got = claimed | (pending & (old == ids))
-        p = p + 1
-        return p, pending & ~got & (p < max_probe), jnp.where(got, s, slot), inserted | claimed
+        q = ref.next_position(q, fe_other, length, k_windows)
+        return q, pending & ~got & (q < end), jnp.where(got, s, slot), inserted | claimed
 
-    pending = valid & ~found & (first_empty >= 0)
-    p0 = jnp.maximum(first_empty, 0)
-    _, _, slot, inserted = lax.while_loop(cond, body, (p0, pending, slot, jnp.zeros(ids.shape, jnp.bool_)))
+    q0 = ref.claim_start(fe_pref, fe_other, length, k_windows)
+    pending = valid & ~found & (q0 < end)
+    _, _, slot, inserted = lax.while_loop(cond, body, (q0, pending, slot, jnp.zeros(ids.shape, jnp.bool_)))
     status = jnp.where(inserted, STATUS_INSERTED, jnp.where(slot >= 0, STATUS_HIT, STATUS_FULL))
     slot_ref[...] = slot
     status_ref[...] = jnp.where(valid, status, STATUS_PAD)
@@ -231,8 +193,20 @@ def _compiler_params(num_warps):
     return plt.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
-def lookup_i64(table_S, ids_N, *, num_buckets, max_probe, block=128, width=8, num_warps=4, interpret=False):
+def lookup_i64(
+    table_S,
+    ids_N,
+    *,
+    num_buckets,
+    max_probe,
+    probing="two_choice",
+    block=128,
+    width=8,
+    num_warps=4,
+    interpret=False,
+):
     """Read-only: slot of each ID or -1. int64 arrays; call with x64 enabled."""
+    ref.check_probing(probing)
     n = ids_N.shape[0]
     ids_pad, n_pad = _pad(ids_N, block)
     kernel = functools.partial(
@@ -240,6 +214,7 @@ def lookup_i64(table_S, ids_N, *, num_buckets, max_probe, block=128, width=8, nu
         bucket_size=table_S.shape[0] // num_buckets,
         num_buckets=num_buckets,
         max_probe=max_probe,
+        probing=probing,
         width=width,
     )
     slot = pl.pallas_call(
@@ -255,10 +230,7 @@ def lookup_i64(table_S, ids_N, *, num_buckets, max_probe, block=128, width=8, nu
     return slot[:n]
 
 
-def insert_or_find_i64(
-    table_S, ids_N, *, num_buckets, max_probe, block=128, width=8, num_warps=4, interpret=False
-):
-    """(new table, slot_N int32 (-1 when the window is full), status_N int32). Call with x64 enabled."""
+def _insert_call(table_S, ids_N, *, num_buckets, max_probe, probing, block, width, num_warps, interpret):
     n = ids_N.shape[0]
     ids_pad, n_pad = _pad(ids_N, block)
     kernel = functools.partial(
@@ -266,6 +238,7 @@ def insert_or_find_i64(
         bucket_size=table_S.shape[0] // num_buckets,
         num_buckets=num_buckets,
         max_probe=max_probe,
+        probing=probing,
         width=width,
     )
     table, slot, status = pl.pallas_call(
@@ -290,96 +263,35 @@ def insert_or_find_i64(
     return table, slot[:n], status[:n]
 
 
-# ----------------------------------------------------------------------------- plain-JAX reference (int64)
-
-
-def _dedupe(ids_N):
-    """Sorted distinct IDs on lanes of first occurrence (others EMPTY), the sort order, and per sorted lane
-    lane holding its distinct ID."""
-    n = ids_N.shape[0]
-    order = jnp.argsort(ids_N, stable=True)
-    sorted_N = ids_N[order]
-    first = jnp.concatenate([jnp.ones((1,), jnp.bool_), sorted_N[1:] != sorted_N[:-1]]) & (sorted_N != EMPTY)
-    uniq_N = jnp.where(first, sorted_N, EMPTY)
-    group_N = lax.cummax(jnp.where(first, jnp.arange(n, dtype=jnp.int32), 0))
-    return uniq_N, order, group_N, first
-
-
-def _scan_window_xla(table_S, ids_N, valid, base, start, *, bucket_size, max_probe):
-    def cond(c):
-        p, found, _, _ = c
-        return (p < max_probe) & jnp.any(valid & ~found)
-
-    def body(c):
-        p, found, first_empty, slot = c
-        s = base + (start + p) % bucket_size
-        cur = table_S[s]
-        hit = valid & ~found & (cur == ids_N)
-        first_empty = jnp.where((first_empty < 0) & (cur == EMPTY), p, first_empty)
-        return p + 1, found | hit, first_empty, jnp.where(hit, s, slot)
-
-    minus = jnp.full(ids_N.shape, -1, jnp.int32)
-    _, found, first_empty, slot = lax.while_loop(
-        cond, body, (jnp.int32(0), jnp.zeros(ids_N.shape, bool), minus, minus)
+def insert_or_find_i64(
+    table_S,
+    ids_N,
+    *,
+    num_buckets,
+    max_probe,
+    probing="two_choice",
+    block=128,
+    width=8,
+    num_warps=4,
+    interpret=False,
+):
+    """(new table, slot_N int32 (-1 when every window is full), status_N int32). Call with x64 enabled.
+    two_choice dedupes the batch first (see the concurrency argument in the module docstring)."""
+    ref.check_probing(probing)
+    kw = dict(
+        num_buckets=num_buckets,
+        max_probe=max_probe,
+        probing=probing,
+        block=block,
+        width=width,
+        num_warps=num_warps,
+        interpret=interpret,
     )
-    return found, first_empty, slot
-
-
-def lookup_reference_i64(table_S, ids_N, *, num_buckets, max_probe):
-    """Slot of each ID in its window, -1 if absent (x64 enabled)."""
-    bucket_size = table_S.shape[0] // num_buckets
-    base, start = window(ids_N, num_buckets, bucket_size)
-    valid = ids_N != EMPTY
-    return _scan_window_xla(table_S, ids_N, valid, base, start, bucket_size=bucket_size, max_probe=max_probe)[
-        2
-    ]
-
-
-def insert_or_find_reference_i64(table_S, ids_N, *, num_buckets, max_probe):
-    """Defines the semantics: distinct IDs in ascending order, each hit-or-claim-first-empty-in-probe-order.
-
-    Vectorized as rounds over probe positions: every pending distinct ID looks at its current probe slot; the
-    ones seeing EMPTY propose it, the smallest ID per proposed slot wins (a sort), everyone else advances.
-    That is the one-at-a-time insertion in round order, so it is sequential-equivalent.
-    """
-    n, n_slots = ids_N.shape[0], table_S.shape[0]
-    bucket_size = n_slots // num_buckets
-    uniq_N, order, group_N, first = _dedupe(ids_N)
-    valid = uniq_N != EMPTY
-    base, start = window(uniq_N, num_buckets, bucket_size)
-    found, first_empty, slot = _scan_window_xla(
-        table_S, uniq_N, valid, base, start, bucket_size=bucket_size, max_probe=max_probe
-    )
-    lanes = jnp.arange(n, dtype=jnp.int32)
-    no_slot = jnp.int32(np.iinfo(np.int32).max)
-
-    def cond(c):
-        return jnp.any(c[2])
-
-    def body(c):
-        table, p, pending, slot, inserted = c
-        s = base + (start + p) % bucket_size
-        propose = pending & (table[s] == EMPTY)
-        key_s, lane_s = lax.sort((jnp.where(propose, s, no_slot), lanes), num_keys=2)
-        head = (key_s != no_slot) & jnp.concatenate([jnp.ones((1,), bool), key_s[1:] != key_s[:-1]])
-        win = jnp.zeros((n,), bool).at[lane_s].set(head)
-        table = table.at[jnp.where(win, s, n_slots)].set(uniq_N, mode="drop")
-        p = p + 1
-        return table, p, pending & ~win & (p < max_probe), jnp.where(win, s, slot), inserted | win
-
-    pending = valid & ~found & (first_empty >= 0)
-    init = (table_S, jnp.maximum(first_empty, 0), pending, slot, jnp.zeros((n,), bool))
-    table, _, _, slot, inserted = lax.while_loop(cond, body, init)
-    # Back to the batch's lanes: every occurrence gets its distinct ID's slot; the first one is INSERTED.
-    slot_sorted = slot[group_N]
-    status_sorted = jnp.where(
-        inserted[group_N] & first, STATUS_INSERTED, jnp.where(slot_sorted >= 0, STATUS_HIT, STATUS_FULL)
-    )
-    sorted_ids = ids_N[order]
-    status_sorted = jnp.where(sorted_ids == EMPTY, STATUS_PAD, status_sorted)
-    slot_N = jnp.zeros((n,), jnp.int32).at[order].set(slot_sorted)
-    status_N = jnp.zeros((n,), jnp.int32).at[order].set(status_sorted)
-    return table, slot_N, status_N
+    if probing == "linear":
+        return _insert_call(table_S, ids_N, **kw)
+    uniq, order, group, first = ref.dedupe(ids_N)
+    table, slot_u, status_u = _insert_call(table_S, uniq, **kw)
+    return (table, *ref.undedupe(slot_u, status_u, order, group, first))
 
 
 # ----------------------------------------------------------------------------- public API on uint32 pairs
@@ -403,23 +315,17 @@ def empty_identity(num_slots: int) -> jax.Array:
     return jnp.full((num_slots, 2), 0xFFFFFFFF, jnp.uint32)
 
 
-def _i64(pairs):
-    return lax.bitcast_convert_type(pairs, jnp.int64)
+_STATIC = ("num_buckets", "max_probe", "probing", "block", "width", "num_warps", "interpret")
 
 
-def _pairs(x64):
-    return lax.bitcast_convert_type(x64, jnp.uint32)
-
-
-@functools.partial(
-    jax.jit, static_argnames=("num_buckets", "max_probe", "block", "width", "num_warps", "interpret")
-)
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def zch_insert_or_find(
     identity_Sx2,
     ids_Nx2,
     *,
     num_buckets: int,
     max_probe: int,
+    probing: str = "two_choice",
     block: int = 128,
     width: int = 8,
     num_warps: int = 4,
@@ -428,27 +334,27 @@ def zch_insert_or_find(
     """Pallas insert-or-find on uint32 pairs -> (identity_Sx2, slot_N int32, status_N int32)."""
     with jax.enable_x64(True):
         table, slot, status = insert_or_find_i64(
-            _i64(identity_Sx2),
-            _i64(ids_Nx2),
+            ref.i64(identity_Sx2),
+            ref.i64(ids_Nx2),
             num_buckets=num_buckets,
             max_probe=max_probe,
+            probing=probing,
             block=block,
             width=width,
             num_warps=num_warps,
             interpret=interpret,
         )
-        return _pairs(table), slot, status
+        return ref.pairs(table), slot, status
 
 
-@functools.partial(
-    jax.jit, static_argnames=("num_buckets", "max_probe", "block", "width", "num_warps", "interpret")
-)
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def zch_lookup(
     identity_Sx2,
     ids_Nx2,
     *,
     num_buckets: int,
     max_probe: int,
+    probing: str = "two_choice",
     block: int = 128,
     width: int = 8,
     num_warps: int = 4,
@@ -457,30 +363,13 @@ def zch_lookup(
     """Pallas read-only lookup on uint32 pairs -> slot_N int32 (-1 absent)."""
     with jax.enable_x64(True):
         return lookup_i64(
-            _i64(identity_Sx2),
-            _i64(ids_Nx2),
+            ref.i64(identity_Sx2),
+            ref.i64(ids_Nx2),
             num_buckets=num_buckets,
             max_probe=max_probe,
+            probing=probing,
             block=block,
             width=width,
             num_warps=num_warps,
             interpret=interpret,
-        )
-
-
-@functools.partial(jax.jit, static_argnames=("num_buckets", "max_probe"))
-def zch_reference(identity_Sx2, ids_Nx2, *, num_buckets: int, max_probe: int):
-    """Plain-JAX insert-or-find (the semantics) -> (identity_Sx2, slot_N, status_N)."""
-    with jax.enable_x64(True):
-        table, slot, status = insert_or_find_reference_i64(
-            _i64(identity_Sx2), _i64(ids_Nx2), num_buckets=num_buckets, max_probe=max_probe
-        )
-        return _pairs(table), slot, status
-
-
-@functools.partial(jax.jit, static_argnames=("num_buckets", "max_probe"))
-def zch_lookup_reference(identity_Sx2, ids_Nx2, *, num_buckets: int, max_probe: int):
-    with jax.enable_x64(True):
-        return lookup_reference_i64(
-            _i64(identity_Sx2), _i64(ids_Nx2), num_buckets=num_buckets, max_probe=max_probe
         )

@@ -1,14 +1,18 @@
-"""MPZCH remap benchmark: IDs/s of lookup and insert-or-find, Pallas kernel beside the plain-JAX reference.
+"""MPZCH remap benchmark: IDs/s of lookup and insert-or-find, Pallas kernel beside the plain-JAX reference,
+for both probing schemes (``--probing two_choice linear``), and the measured collision count.
 
-For each table size S (slots) and load factor L the table is first filled with round(L S) distinct random
-62-bit IDs by the kernel in batches (the number of IDs that found their window full on the way is the
-measured *collision count*: with max_probe=128 it should be 0 up to L = 0.9). Then, per batch size N and ID
-stream (``zipf``: exponent 1.05 over the stored IDs by rank; ``uniform`` over the stored IDs), it times:
-- lookup (read only) of N stored IDs;
+For each probing, table size S (slots) and load factor L the table is first filled with distinct random 62-bit
+IDs in batches of ``--fill-batch`` until round(L S) slots are live (``--fill-impl``: the kernel on a GPU, the
+reference on CPU where interpret mode is too slow). IDs that find every window full on the way (status FULL)
+are the measured *collisions* (target: 0 up to L = 0.9 with max_probe = 128). Then, unless
+``--collisions-only``, per batch size N and ID stream (``zipf``: exponent 1.05 over the stored IDs by rank;
+``uniform`` over the stored IDs) it times:
+- lookup (read only) of N stored IDs (checked: every ID found, in a slot holding it);
 - insert-or-find of N IDs of which ``--new-frac`` are new (the table is donated and fed back, each rep
-  inserting fresh IDs, so the load creeps up by new_frac N / S per rep);
-for the Pallas kernel and the reference (``--ref-max-n`` caps the reference's batch: it is O(N log N) per
-probe round).
+  inserting fresh IDs, so the load creeps up by new_frac N / S per rep; the first rep is checked: same ID ->
+  one slot, distinct IDs -> distinct slots, stored IDs HIT, new IDs INSERTED);
+for the Pallas kernel and the reference (``--ref-max-n`` caps the reference's batch, ``--ref-probing`` its
+schemes).
 
 Bytes model (printed GB/s and fraction of the card's HBM peak): per ID 8 B read (ID) + 4 B written (slot) +
 one 32 B sector of the identity table (the minimum a probe touches; more probes touch more, Zipf streams are
@@ -16,8 +20,9 @@ partly served from L2), + 4 B status and, for inserts, 8 B written per new ID. T
 over the time, against 3.35 TB/s (H100 SXM) / 4.8 TB/s (H200); on CPU it prints n/a.
 
   PYTHONPATH=. python experiments/bench/zch.py --small
-  PYTHONPATH=. python experiments/bench/zch.py --slots 1000000 100000000 --loads 0.5 0.9 0.95 \\
-      --batches 1024 1048576
+  PYTHONPATH=. python experiments/bench/zch.py --collisions-only --slots 1000000 \\
+      --loads 0.7 0.8 0.85 0.9 0.95 --fill-batch 65536          # CPU: collision table of both schemes
+  PYTHONPATH=. python experiments/bench/zch.py --slots 100000000 --loads 0.9 --batches 1048576 --reps 3
 """
 
 from __future__ import annotations
@@ -54,11 +59,6 @@ def timed(fn, reps, warmup=1):
     return float(np.median(out))
 
 
-def call(fn, table, q, rep):
-    del rep
-    return fn(table, q)
-
-
 def fresh_ids(rng, n):
     return rng.integers(0, 2**62, size=n, dtype=np.int64)
 
@@ -67,35 +67,95 @@ def stream(rng, stored, n, dist):
     if dist == "uniform":
         return stored[rng.integers(0, len(stored), n)]
     ranks = rng.zipf(1.05, size=n) - 1
-    return stored[ranks[ranks < len(stored)].tolist() + [0] * int((ranks >= len(stored)).sum())]
+    return stored[np.where(ranks < len(stored), ranks, 0)]
 
 
-def check(interpret, block):
-    """Kernel (compiled on GPU) vs invariants and the reference on a batch with repeats; raises on failure."""
-    rng = np.random.default_rng(1)
-    n_slots, kw = 1 << 14, dict(num_buckets=4, max_probe=64)
-    table = jnp.full((n_slots,), kz.EMPTY, jnp.int64)
-    for n in (5000, 7001):
-        ids = rng.integers(0, 2**62, n // 2, dtype=np.int64)[rng.integers(0, n // 2, n)]
-        new, slot, status = kz.insert_or_find_i64(
-            table, jnp.asarray(ids), block=block, interpret=interpret, **kw
-        )
-        new, slot, status = np.asarray(new), np.asarray(slot), np.asarray(status)
-        assert (slot >= 0).all() and (new[slot] == ids).all(), "slot does not hold its ID"
-        order = np.argsort(ids, kind="stable")
-        same = ids[order][1:] == ids[order][:-1]
-        assert (slot[order][1:][same] == slot[order][:-1][same]).all(), "one ID, two slots"
-        assert len(np.unique(slot)) == len(np.unique(ids)), "distinct IDs share a slot"
-        assert (new != kz.EMPTY).sum() == len(
-            np.unique(np.concatenate([ids, np.asarray(table)[np.asarray(table) != kz.EMPTY]]))
-        )
-        ref = np.asarray(kz.lookup_reference_i64(jnp.asarray(new), jnp.asarray(ids), **kw))
-        got = np.asarray(
-            kz.lookup_i64(jnp.asarray(new), jnp.asarray(ids), block=block, interpret=interpret, **kw)
-        )
-        assert np.array_equal(ref, slot) and np.array_equal(got, slot), "lookup != insert slots"
-        table = jnp.asarray(new)
-    print("# check: kernel invariants hold (repeats, two batches, lookup == reference lookup)")
+def check_batch(ids, slot, status, table_ids_at_slot, stored_before):
+    """Invariants of one insert-or-find batch (host side); returns a list of failure messages."""
+    bad = []
+    ok = slot >= 0
+    if not (status[~ok] == kz.STATUS_FULL).all():
+        bad.append("slot -1 without status FULL")
+    if not (table_ids_at_slot[ok] == ids[ok]).all():
+        bad.append("a slot does not hold its ID")
+    u_ids, inv = np.unique(ids[ok], return_inverse=True)
+    first_slot = np.full(len(u_ids), -1, np.int64)
+    first_slot[inv] = slot[ok]
+    if not (first_slot[inv] == slot[ok]).all():
+        bad.append("one ID, two slots")
+    if len(np.unique(slot[ok])) != len(u_ids):
+        bad.append("distinct IDs share a slot")
+    was = np.isin(ids, stored_before)
+    if not (status[was] == kz.STATUS_HIT).all():
+        bad.append("a stored ID was not a HIT")
+    if (status == kz.STATUS_INSERTED).sum() != len(np.unique(ids[~was & ok])):
+        bad.append("INSERTED count != new distinct IDs with a slot")
+    return bad
+
+
+def fill(ins, table, rng, target, batch, stored):
+    """Insert fresh IDs (batches padded to one shape) until ``target`` slots are live -> (table, stored, FULL,
+    offered)."""
+    parts, n_live, n_full, offered = [stored], len(stored), 0, 0
+    while n_live < target:
+        n = min(target - n_live, batch)
+        chunk = np.full(batch, kz.EMPTY, np.int64)
+        chunk[:n] = fresh_ids(rng, n)
+        table, _, status = ins(table, jnp.asarray(chunk))
+        status = np.asarray(status)[:n]
+        n_full += int((status == kz.STATUS_FULL).sum())
+        parts.append(chunk[:n][status == kz.STATUS_INSERTED])
+        n_live += int((status == kz.STATUS_INSERTED).sum())
+        offered += n
+    return table, np.concatenate(parts), n_full, offered
+
+
+def report(op, impl, probing, n_slots, load, n, dist, t, byts, peak):
+    gbs = byts / t / 1e9
+    frac = f"{byts / t / peak:.3f}" if peak else "n/a"
+    print(
+        f"| {op} | {impl} | {probing} | {n_slots} | {load:.3f} | {n} | {dist} | {t * 1e3:.3f} | "
+        f"{n / t / 1e6:.1f} | {gbs:.1f} | {frac} |",
+        flush=True,
+    )
+
+
+def time_point(args, fns, table, stored, rng, probing, n_slots, load, peak):
+    """Lookup and insert-or-find timings (with their checks) at one fill level."""
+    look, look_ref, ins, ins_ref = fns
+    for n in args.batches:
+        with_ref = n <= args.ref_max_n and probing in args.ref_probing
+        for dist in args.dists:
+            q = jnp.asarray(stream(rng, stored, n, dist))
+            got = np.asarray(look(table, q))
+            if not (got >= 0).all():
+                print(f"# CHECK FAILED lookup {probing}: {int((got < 0).sum())} stored IDs not found")
+            ops = [("lookup", "pallas", lambda r, q=q: look(table, q))]
+            if with_ref:
+                ops.append(("lookup", "reference", lambda r, q=q: look_ref(table, q)))
+            for op, impl, fn in ops:
+                t = timed(fn, args.reps)
+                report(op, impl, probing, n_slots, load, n, dist, t, n * (8 + 4 + 32), peak)
+            n_new = max(1, int(args.new_frac * n))
+            news = [jnp.asarray(fresh_ids(rng, n_new)) for _ in range(args.reps + 1)]
+            impls = [("pallas", ins)] + ([("reference", ins_ref)] if with_ref else [])
+            for impl, fn_ins in impls:
+                holder = {"t": table.copy()}
+
+                def run(r, fn_ins=fn_ins, holder=holder, q=q, n=n, n_new=n_new, news=news, impl=impl):
+                    batch = jnp.concatenate([q[: n - n_new], news[r]])
+                    holder["t"], s, st = fn_ins(holder["t"], batch)
+                    if r == 0:  # the warm-up call: check its result
+                        slot, status = np.asarray(s), np.asarray(st)
+                        at = np.asarray(holder["t"][jnp.asarray(np.maximum(slot, 0))])
+                        bad = check_batch(np.asarray(batch), slot, status, at, np.asarray(q))
+                        print(f"# CHECK FAILED insert {impl} {probing}: {bad}" if bad else "", end="")
+                    return s
+
+                t = timed(run, args.reps)
+                byts = n * (8 + 4 + 4 + 32) + n_new * 8
+                report("insert_or_find", impl, probing, n_slots, load, n, dist, t, byts, peak)
+                del holder
 
 
 def main():
@@ -105,6 +165,8 @@ def main():
     ap.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.9, 0.95])
     ap.add_argument("--batches", type=int, nargs="+", default=[1024, 65536, 1048576])
     ap.add_argument("--dists", nargs="+", default=["zipf", "uniform"])
+    ap.add_argument("--probing", nargs="+", default=list(kz.PROBINGS), choices=kz.PROBINGS)
+    ap.add_argument("--ref-probing", nargs="*", default=None, help="schemes timed for the reference (all)")
     ap.add_argument("--max-probe", type=int, default=128)
     ap.add_argument("--bucket-size", type=int, default=65536)
     ap.add_argument("--new-frac", type=float, default=0.01)
@@ -112,86 +174,79 @@ def main():
     ap.add_argument("--ref-max-n", type=int, default=65536)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--num-warps", type=int, default=4)
-    ap.add_argument("--width", type=int, default=8, help="probes read per lane per step (power of 2)")
+    ap.add_argument("--width", type=int, default=8, help="probes read per window per lane per step")
+    ap.add_argument("--fill-batch", type=int, default=1 << 20)
+    ap.add_argument("--fill-impl", choices=["auto", "pallas", "reference"], default="auto")
+    ap.add_argument("--collisions-only", action="store_true", help="fill and count FULL, no timings")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     interpret = jax.devices()[0].platform != "gpu"
     if args.small:
         args.slots, args.loads, args.batches, args.reps = [4096], [0.5, 0.9], [256], 1
-        args.bucket_size, args.max_probe, args.block = 1024, 128, 64
+        args.bucket_size, args.max_probe, args.block, args.fill_batch = 1024, 128, 64, 1024
+    if args.ref_probing is None:
+        args.ref_probing = args.probing
+    fill_impl = args.fill_impl
+    if fill_impl == "auto":
+        fill_impl = "pallas" if not interpret or args.small else "reference"
     kind, peak = peak_bandwidth()
-    with jax.enable_x64(True):
-        check(interpret, args.block)
     print(
-        f"# device: {kind}; interpret={interpret}; max_probe={args.max_probe}; bucket_size={args.bucket_size}"
+        f"# device: {kind}; interpret={interpret}; max_probe={args.max_probe}; "
+        f"bucket_size={args.bucket_size}; fill: {fill_impl}, batch {args.fill_batch}; block={args.block}; "
+        f"width={args.width}"
     )
-    print("| op | impl | S | load | N | dist | ms | M IDs/s | GB/s (model) | frac HBM |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    rng = np.random.default_rng(0)
+    if not args.collisions_only:
+        print("| op | impl | probing | S | load | N | dist | ms | M IDs/s | GB/s (model) | frac HBM |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
     fill_report = []
     with jax.enable_x64(True):
-        for n_slots in args.slots:
-            bucket_size = min(args.bucket_size, n_slots)
-            num_buckets = n_slots // bucket_size
-            kw = dict(num_buckets=num_buckets, max_probe=args.max_probe)
-            kkw = dict(kw, block=args.block, width=args.width, num_warps=args.num_warps, interpret=interpret)
-            ins = jax.jit(functools.partial(kz.insert_or_find_i64, **kkw), donate_argnums=0)
-            ins_ref = jax.jit(functools.partial(kz.insert_or_find_reference_i64, **kw), donate_argnums=0)
-            look = jax.jit(functools.partial(kz.lookup_i64, **kkw))
-            look_ref = jax.jit(functools.partial(kz.lookup_reference_i64, **kw))
-            table = jnp.full((n_slots,), kz.EMPTY, jnp.int64)
-            stored, n_full = np.zeros((0,), np.int64), 0
-            for load in sorted(args.loads):
-                todo, parts = int(round(load * n_slots)) - len(stored), [stored]
-                while todo > 0:  # fill with the kernel, counting IDs that found their window full
-                    chunk = fresh_ids(rng, min(todo, 1 << 20))
-                    table, slot, status = ins(table, jnp.asarray(chunk))
-                    status = np.asarray(status)
-                    n_full += int((status == kz.STATUS_FULL).sum())
-                    parts.append(chunk[status == kz.STATUS_INSERTED])
-                    todo -= len(chunk)
-                stored = np.concatenate(parts)
-                real_load = float(jnp.sum(table != kz.EMPTY)) / n_slots
-                fill_report.append((n_slots, load, real_load, n_full))
-                for n in args.batches:
-                    for dist in args.dists:
-                        q = jnp.asarray(stream(rng, stored, n, dist))
-                        ops = [("lookup", "pallas", functools.partial(call, look, table, q))]
-                        if n <= args.ref_max_n:
-                            ops.append(("lookup", "reference", functools.partial(call, look_ref, table, q)))
-                        for op, impl, fn in ops:
-                            t = timed(fn, args.reps)
-                            report(op, impl, n_slots, real_load, n, dist, t, n * (8 + 4 + 32), peak)
-                        n_new = max(1, int(args.new_frac * n))
-                        news = [jnp.asarray(fresh_ids(rng, n_new)) for _ in range(args.reps + 1)]
-                        impls = [("pallas", ins)] + ([("reference", ins_ref)] if n <= args.ref_max_n else [])
-                        for impl, fn_ins in impls:
-                            holder = {"t": table.copy()}
-
-                            def run(r, fn_ins=fn_ins, holder=holder, q=q, n=n, n_new=n_new, news=news):
-                                batch = jnp.concatenate([q[: n - n_new], news[r]])
-                                holder["t"], s, _ = fn_ins(holder["t"], batch)
-                                return s
-
-                            t = timed(run, args.reps)
-                            byts = n * (8 + 4 + 4 + 32) + n_new * 8
-                            report("insert_or_find", impl, n_slots, real_load, n, dist, t, byts, peak)
-                            del holder
+        for probing in args.probing:
+            for n_slots in args.slots:
+                rng = np.random.default_rng(args.seed)
+                bucket_size = min(args.bucket_size, n_slots)
+                num_buckets = n_slots // bucket_size
+                kw = dict(num_buckets=num_buckets, max_probe=args.max_probe, probing=probing)
+                kkw = dict(
+                    kw, block=args.block, width=args.width, num_warps=args.num_warps, interpret=interpret
+                )
+                ins = jax.jit(functools.partial(kz.insert_or_find_i64, **kkw), donate_argnums=0)
+                ins_ref = jax.jit(functools.partial(kz.insert_or_find_reference_i64, **kw), donate_argnums=0)
+                look = jax.jit(functools.partial(kz.lookup_i64, **kkw))
+                look_ref = jax.jit(functools.partial(kz.lookup_reference_i64, **kw))
+                table = jnp.full((n_slots,), kz.EMPTY, jnp.int64)
+                stored, n_full, offered = np.zeros((0,), np.int64), 0, 0
+                for load in sorted(args.loads):
+                    t0 = time.perf_counter()
+                    table, stored, full_here, offered_here = fill(
+                        ins if fill_impl == "pallas" else ins_ref,
+                        table,
+                        rng,
+                        int(round(load * n_slots)),
+                        args.fill_batch,
+                        stored,
+                    )
+                    n_full, offered = n_full + full_here, offered + offered_here
+                    real_load = float(jnp.sum(table != kz.EMPTY)) / n_slots
+                    if int(round(real_load * n_slots)) != len(stored):
+                        print(f"# CHECK FAILED fill {probing}: {len(stored)} inserted, {real_load} live")
+                    row = (probing, n_slots, load, real_load, n_full, offered, full_here, offered_here)
+                    fill_report.append(row + (time.perf_counter() - t0,))
+                    if not args.collisions_only:
+                        fns = (look, look_ref, ins, ins_ref)
+                        time_point(args, fns, table, stored, rng, probing, n_slots, real_load, peak)
+                del table
     print(
-        f"\n| S | target load | load | collisions while filling (window full, max_probe={args.max_probe}) |"
+        f"\n| probing | S | target load | load | FULL (cumulative) | IDs offered | FULL / offered | "
+        f"FULL since previous load | fraction there | fill s |  (max_probe={args.max_probe}, "
+        f"bucket {args.bucket_size}, fill batch {args.fill_batch}, {fill_impl})"
     )
-    print("|---|---|---|---|")
-    for n_slots, load, real, n_full in fill_report:
-        print(f"| {n_slots} | {load} | {real:.4f} | {n_full} |")
-
-
-def report(op, impl, n_slots, load, n, dist, t, byts, peak):
-    gbs = byts / t / 1e9
-    frac = f"{byts / t / peak:.3f}" if peak else "n/a"
-    print(
-        f"| {op} | {impl} | {n_slots} | {load:.3f} | {n} | {dist} | {t * 1e3:.3f} | {n / t / 1e6:.1f} | "
-        f"{gbs:.1f} | {frac} |",
-        flush=True,
-    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for probing, n_slots, load, real, n_full, offered, full_here, off_here, secs in fill_report:
+        print(
+            f"| {probing} | {n_slots} | {load} | {real:.4f} | {n_full} | {offered} | "
+            f"{n_full / max(offered, 1):.2e} | {full_here} | {full_here / max(off_here, 1):.2e} | "
+            f"{secs:.1f} |"
+        )
 
 
 if __name__ == "__main__":

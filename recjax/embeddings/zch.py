@@ -14,7 +14,7 @@ embedding is re-initialised and its optimizer state rows (Adam mu/nu...) zeroed 
 inherits a stale row. ``evict_expired`` (active TTL eviction) frees expired slots and returns their rows too.
 
 Fallbacks, defined and counted (``stats["fallbacks"]``): an ID that is not admitted (admission probability <
-1, an opt-in; existing IDs are always admitted) or whose window is full with no evictable victim gets a
+1, an opt-in; existing IDs are always admitted) or whose windows are full with no evictable victim gets a
 reserved row ``S + hash(id) % R`` (shared, never reset) if ``num_reserved_slots > 0``, else row -1 (embedding
 zeros). A live ID is never overwritten except by the eviction policy, and never one used in the same batch.
 Read-only mode (``training=False``): lookups only, nothing inserted or updated; unknown IDs take fallbacks.
@@ -23,8 +23,12 @@ Sharding (``mesh``, ``axis``): row-wise by buckets; shard d owns buckets [d B/D,
 reserved rows; each shard remaps the IDs of its buckets (probes never leave the shard) and results are
 combined with one ``pmax``. With R = 0 the rows are the same as on one device (tested).
 
+Probing (``ZchTableConfig.probing``): ``"two_choice"`` (default: two windows of ``ceil(max_probe / 2)``
+slots per ID, insert into the emptier; eviction victims come from both windows) or ``"linear"`` (one window
+of ``max_probe`` slots); see ``recjax.ops.zch``. A saved state must be reloaded with the same probing.
+
 Deviations from TorchRec's HashZchManagedCollisionModule: eviction is decided outside the kernel, once per
-batch, for IDs whose window is full (one victim per slot; conflicting IDs fall back for this step); LFU is
+batch, for IDs whose windows are full (one victim per slot; conflicting IDs fall back for this step); LFU is
 kept (older TorchRec modules); expiry is counted in training steps, not wall-clock time; the metadata is
 several int32 arrays rather than one packed tensor.
 
@@ -61,6 +65,7 @@ class ZchTableConfig:
     eviction: EvictionPolicy = EvictionPolicy()
     admission_probability: float = 1.0
     num_reserved_slots: int = 0
+    probing: str = "two_choice"  # or "linear" (one window of max_probe slots; ablations, old tables)
 
     @property
     def num_slots(self) -> int:
@@ -79,7 +84,10 @@ class ZchTableConfig:
                 f"{self.num_reserved_slots} must be divisible by {num_shards} shards"
             )
         ops.check_table(
-            jax.ShapeDtypeStruct((self.num_slots, 2), jnp.uint32), self.num_buckets, self.max_probe
+            jax.ShapeDtypeStruct((self.num_slots, 2), jnp.uint32),
+            self.num_buckets,
+            self.max_probe,
+            self.probing,
         )
         if not 0.0 < self.admission_probability <= 1.0:
             raise ValueError(
@@ -122,7 +130,7 @@ def remap_local(
     n_res = cfg.num_reserved_slots * num_buckets // cfg.num_buckets
     ids = jnp.where(owned_N[:, None], ids_Nx2, ops.EMPTY_PAIR)
     valid = owned_N & jnp.any(ids != ops.EMPTY_PAIR, axis=-1)
-    kw = dict(num_buckets=num_buckets, max_probe=cfg.max_probe, impl=impl)
+    kw = dict(num_buckets=num_buckets, max_probe=cfg.max_probe, impl=impl, probing=cfg.probing)
     found = ops.lookup(st["identity"], ids, **kw)
     zero = jnp.int32(0)
     stats = dict(
@@ -146,10 +154,17 @@ def remap_local(
         )
         inserted = status == ops.STATUS_INSERTED
         reset = reset.at[jnp.where(inserted, slot, n_slots)].set(True, mode="drop")
-        # Eviction for IDs whose window is full: one victim per distinct ID, never a slot used in this batch.
+        # Eviction for IDs whose windows are full: one victim per distinct ID from the union of its windows,
+        # never a slot used in this batch.
         full = status == ops.STATUS_FULL
         rep = _representatives(ids, full)
-        bucket, start = ops.windows(ids, num_buckets=num_buckets, bucket_size=bucket_size)
+        bucket, starts, window_len = ops.probe_windows(
+            ids,
+            num_buckets=num_buckets,
+            bucket_size=bucket_size,
+            max_probe=cfg.max_probe,
+            probing=cfg.probing,
+        )
         touched = jnp.zeros((n_slots,), bool).at[jnp.where(slot >= 0, slot, n_slots)].set(True, mode="drop")
         is_rep = rep == jnp.arange(rep.shape[0])
 
@@ -160,12 +175,13 @@ def remap_local(
                 cfg.eviction,
                 st,
                 jnp.maximum(bucket, 0) * bucket_size,
-                start,
+                starts,
                 want,
                 touched,
                 step,
                 bucket_size=bucket_size,
                 max_probe=cfg.max_probe,
+                window_len=window_len,
             )
             v = ev.resolve_conflicts(v)
             touched = touched.at[jnp.where(v >= 0, v, n_slots)].set(True, mode="drop")

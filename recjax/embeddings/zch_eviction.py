@@ -1,5 +1,5 @@
-"""MPZCH eviction and row reset: victim choice inside a probe window, active TTL eviction, and the reset of
-embedding rows and their optimizer state when a slot changes owner.
+"""MPZCH eviction and row reset: victim choice inside an ID's probe window(s), active TTL eviction, and the
+reset of embedding rows and their optimizer state when a slot changes owner.
 
 Policies (``EvictionPolicy.kind``):
 - ``"none"``: a full window leaves the ID without a slot (fallback row or -1, counted).
@@ -7,9 +7,11 @@ Policies (``EvictionPolicy.kind``):
   frees them all at once (active eviction). The TTL is global (``ttl``) or per feature (``feature_ttl``).
 - ``"lru"``: the least recently seen slot of the window (smallest last-seen step).
 - ``"lfu"``: the least frequently seen slot of the window (smallest count since insertion; ties: LRU).
-Slots touched by the current batch are never victims, so nothing used in this step is overwritten.
+Slots touched by the current batch are never victims, so nothing used in this step is overwritten. With
+two-choice probing an ID may live in either of its two windows, so its victim is the policy's best slot of the
+union of both (a new ID taking it stays findable: lookups scan both windows).
 
-Letters: N IDs, S managed slots, P max_probe.
+Letters: N IDs, S managed slots, K windows per ID, L slots per window.
 """
 
 from __future__ import annotations
@@ -55,15 +57,25 @@ def choose_victims(
     *,
     bucket_size: int,
     max_probe: int,
+    window_len: int | None = None,
 ):
-    """Per lane wanting a slot: the policy's victim slot in its window, -1 if none is eligible."""
+    """Per lane wanting a slot: the policy's victim slot in its window(s), -1 if none is eligible.
+
+    ``start_N``: the linear window's start offset (N,) (window of ``max_probe`` slots), or the windows' starts
+    (N, K) with ``window_len`` slots each (``recjax.ops.zch.probe_windows``); offsets are inside the bucket
+    that begins at slot ``base_N``."""
     if policy.kind == "none":
         return jnp.full(base_N.shape, -1, jnp.int32)
     big = jnp.full(base_N.shape, INT_MAX, jnp.int32)
+    starts_NxK = start_N[:, None] if start_N.ndim == 1 else start_N
+    length = max_probe if start_N.ndim == 1 else window_len
+    if length is None:
+        raise ValueError("choose_victims: window_len is needed with (N, K) window starts")
+    starts_KxN = starts_NxK.T
 
     def body(p, carry):
         best, k1, k2 = carry
-        s = base_N + (start_N + p) % bucket_size
+        s = base_N + (starts_KxN[p // length] + p % length) % bucket_size
         ok = want_N & ~touched_S[s] & (meta["last_seen"][s] >= 0)
         if policy.kind == "ttl":
             ok &= meta["expiry"][s] <= step
@@ -75,7 +87,8 @@ def choose_victims(
         better = ok & ((a < k1) | ((a == k1) & (b < k2)))
         return jnp.where(better, s, best), jnp.where(better, a, k1), jnp.where(better, b, k2)
 
-    best, _, _ = jax.lax.fori_loop(0, max_probe, body, (jnp.full(base_N.shape, -1, jnp.int32), big, big))
+    n_probe = starts_KxN.shape[0] * length
+    best, _, _ = jax.lax.fori_loop(0, n_probe, body, (jnp.full(base_N.shape, -1, jnp.int32), big, big))
     return best
 
 

@@ -11,7 +11,19 @@ from recjax.embeddings import zch as ez
 from recjax.ops import zch as ops
 
 
-def table(policy="none", *, n=64, reserved=0, buckets=1, probe=None, ttl=0, feature_ttl=(), admit=1.0, **kw):
+def table(
+    policy="none",
+    *,
+    n=64,
+    reserved=0,
+    buckets=1,
+    probe=None,
+    ttl=0,
+    feature_ttl=(),
+    admit=1.0,
+    probing=None,
+    **kw,
+):
     return ez.ZchTableConfig(
         "t",
         num_embeddings=n + reserved,
@@ -22,6 +34,7 @@ def table(policy="none", *, n=64, reserved=0, buckets=1, probe=None, ttl=0, feat
         eviction=ez.EvictionPolicy(policy, ttl=ttl, feature_ttl=feature_ttl),
         admission_probability=admit,
         num_reserved_slots=reserved,
+        **({"probing": probing} if probing else {}),
     )
 
 
@@ -107,6 +120,35 @@ def test_eviction_picks_the_policy_victim(policy, rng):
         assert after["count"][want] == 1 and after["inserted_at"][want] == step
         assert int(stats["t"]["evictions"]) == 1 and int(stats["t"]["eviction_age_sum"]) == step
     assert rows[1] == keep
+
+
+@pytest.mark.parametrize("probing", ["two_choice", "linear"])
+def test_lru_victim_comes_from_the_union_of_the_windows(probing, rng):
+    """64 slots, max_probe 16: two windows of 8 (or one linear window of 16) out of the bucket. The table is
+    full; a new ID evicts the least recently seen slot of *its* windows, not of the table."""
+    cfg = table("lru", n=64, probe=16, probing=probing)
+    coll = ez.ZchEmbeddingCollection([cfg], impl="xla")
+    st = coll.init_state()["t"]
+    st["identity"] = ops.as_id_pairs(rng.choice(2**40, 64, replace=False))
+    new_ids = rng.choice(2**40, 4, replace=False) + 2**41
+    bucket, starts, length = ops.probe_windows(
+        ops.as_id_pairs(new_ids), num_buckets=1, bucket_size=64, max_probe=16, probing=probing
+    )
+    assert length == (8 if probing == "two_choice" else 16)
+    win = (np.asarray(starts)[:, :, None] + np.arange(length)).reshape(4, -1) % 64
+    assert len(set(win[0])) == 16  # two distinct windows of 8 / one of 16
+    # the least recently seen slot of the table is outside the windows; the windows' oldest is the last slot
+    # scanned (two-choice: in the second window, so a victim search of the first window alone would miss it)
+    last = rng.permutation(64).astype(np.int32) + 10
+    last[win[0, -1]] = 5
+    last[np.setdiff1d(np.arange(64), win[0])[0]] = 1
+    st["last_seen"] = jnp.asarray(last)
+    st["inserted_at"] = jnp.zeros((64,), jnp.int32)
+    rows, new_state, resets, stats = coll.remap({"t": st}, {"a": new_ids[:1]}, 100)
+    want = win[0, -1]
+    assert int(np.asarray(rows["a"])[0]) == want and int(stats["t"]["evictions"]) == 1
+    assert ops.join_ids(np.asarray(new_state["t"]["identity"]))[want] == new_ids[0]
+    assert np.flatnonzero(np.asarray(resets["t"])).tolist() == [want]
 
 
 def test_ttl_without_expired_slot_falls_back(rng):
@@ -239,6 +281,8 @@ def test_bad_inputs():
         ez.ZchEmbeddingCollection([table(n=64, buckets=5, probe=4)])
     with pytest.raises(ValueError, match="kind: expected one of"):
         ez.EvictionPolicy("fifo")
+    with pytest.raises(ValueError, match="probing: expected one of"):
+        ez.ZchEmbeddingCollection([table(n=64, probing="quadratic")])
     with pytest.raises(ValueError, match="impl: expected one of"):
         ez.ZchEmbeddingCollection([table(n=64)], impl="cuda")
     with pytest.raises(ValueError, match="divisible by 8 shards"):

@@ -36,10 +36,29 @@ def test_pallas_and_xla_agree(rng):
     for t, s in ((tp, sp), (tx, sx)):
         look = {impl: np.asarray(ops.lookup(t, ids, impl=impl, **kw)) for impl in ("pallas", "xla")}
         assert np.array_equal(look["pallas"], np.asarray(s)) and np.array_equal(look["xla"], np.asarray(s))
+    bucket, starts, length = ops.probe_windows(ids, num_buckets=4, bucket_size=128, max_probe=32)
+    assert starts.shape == (200, 2) and length == 16
+    sp, starts = np.asarray(sp), np.asarray(starts)
+    off = (sp[:, None] % 128 - starts) % 128  # offset inside each window
+    assert np.array_equal(sp // 128, np.asarray(bucket)) and (off < 16).any(axis=1).all()
+    assert (starts % 16 == 0).all() and (starts[:, 0] != starts[:, 1]).all()  # aligned, distinct windows
+    assert np.array_equal(bucket, ops.windows(ids, num_buckets=4, bucket_size=128)[0])  # same sharding
+
+
+def test_linear_probing_option(rng):
+    """probing="linear": one window of max_probe slots from the hashed start (the earlier scheme)."""
+    ident = ops.empty_identity(512)
+    ids = ops.as_id_pairs(rng.choice(2**50, 150, replace=False))
+    kw = dict(num_buckets=4, max_probe=32, impl="xla", probing="linear")
+    _, slot, status = ops.insert_or_find(ident, ids, **kw)
     bucket, start = ops.windows(ids, num_buckets=4, bucket_size=128)
-    sp = np.asarray(sp)
-    off = (sp % 128 - np.asarray(start)) % 128
-    assert np.array_equal(sp // 128, np.asarray(bucket)) and (off < 32).all()
+    sp = np.asarray(slot)
+    assert (np.asarray(status) == ops.STATUS_INSERTED).all()
+    assert np.array_equal(sp // 128, np.asarray(bucket)) and ((sp % 128 - np.asarray(start)) % 128 < 32).all()
+    b2, starts, length = ops.probe_windows(
+        ids, num_buckets=4, bucket_size=128, max_probe=32, probing="linear"
+    )
+    assert length == 32 and np.array_equal(np.asarray(starts)[:, 0], np.asarray(start))
 
 
 def test_admission_uniform_is_per_id(rng):
@@ -71,3 +90,5 @@ def test_bad_inputs():
         ops.lookup(ident, ids[:, :1], num_buckets=1, max_probe=4)
     with pytest.raises(ValueError, match="impl: expected one of"):
         ops.lookup(ident, ids, num_buckets=1, max_probe=4, impl="triton")
+    with pytest.raises(ValueError, match="probing: expected one of"):
+        ops.insert_or_find(ident, ids, num_buckets=1, max_probe=4, probing="cuckoo")
