@@ -264,10 +264,12 @@ def bench_layer(configs, n_tok, impls, blocks, dtype, ceiling, iters, has_torch)
         print(f"{d:5d} {e:3d} {k:2d} {flops / 1e9:8.2f} " + " ".join(cells), flush=True)
 
 
-MICRO_IMPLS = ("torch", "mosaic", "fused", "ragged", "dense")  # "mosaic:128x128x64s5" = one extra config
+# Row order of --micro. "mosaic:128x128x64s5" = one extra config; "check" = run_mosaic_checks at that point
+# (after the baselines, so a kernel that fails or hangs on the card cannot cost their numbers).
+MICRO_IMPLS = ("torch", "mosaic", "fused", "ragged", "dense")
 DEFAULT_MOSAIC_TILES = (gm_mgpu.WS_TILES, gm_mgpu.MgpuTiles())
 # Rough seconds per micro row on an H100/H200 (compile + runs): a row starts only if it fits the deadline.
-MICRO_ROW_COST_S = {"torch": 3.0, "mosaic": 5.0, "fused": 15.0, "ragged": 5.0, "dense": 3.0}
+MICRO_ROW_COST_S = {"check": 5.0, "torch": 3.0, "mosaic": 5.0, "fused": 15.0, "ragged": 5.0, "dense": 3.0}
 
 
 def parse_mosaic_tiles(spec: str) -> gm_mgpu.MgpuTiles:
@@ -321,6 +323,19 @@ def check_mosaic(tiles, interpret):
         f"(tol 2e-2), rows past the groups zero: {tail_zero}",
         flush=True,
     )
+    return ok
+
+
+def run_mosaic_checks(mosaic_tiles, on_gpu):
+    """check_mosaic on the first timed config on the card; on both kernel variants in interpret mode."""
+    ok = True
+    small_ws = gm_mgpu.MgpuTiles(64, 128, 64, 2, 2, compute_wgs=2)
+    for tiles in mosaic_tiles[:1] if on_gpu else [gm_mgpu.MgpuTiles(64, 64, 64, 2, 2), small_ws]:
+        try:
+            ok = check_mosaic(tiles, interpret=not on_gpu) and ok
+        except Exception as err:  # noqa: BLE001 - a failed compile must not cost the timings
+            print(f"CHECK MOSAIC ERROR {tiles}: {type(err).__name__}: {str(err)[:1500]}", flush=True)
+            ok = False
     return ok
 
 
@@ -422,6 +437,9 @@ def bench_micro(
             print(f"{impl:34s} skipped (would pass --deadline)", flush=True)
             continue
         try:
+            if impl == "check":
+                bad.extend([] if run_mosaic_checks(mosaic_tiles, on_gpu=not interpret) else ["check"])
+                continue
             if impl == "torch":
                 if not has_torch:
                     print(f"{'torch._grouped_mm':34s} - (no torch here)", flush=True)
@@ -610,19 +628,12 @@ def main(argv=None):
             blocks if not args.small else gm.Blocks(8, 16, 16, 16), dtype, interpret_ok=dev.platform != "gpu"
         )
     mosaic_tiles = [parse_mosaic_tiles(v) for v in args.mosaic_tiles.split(",")]
-    if args.small:  # interpret mode on CPU: tiles that fit the tiny micro (K=64, N=32)
+    micro_impls = args.micro_impls.split(",")
+    if args.small:  # interpret mode on CPU: tiles that fit the tiny micro (K=64, N=32), also for mosaic:SPEC
         mosaic_tiles = [gm_mgpu.MgpuTiles(bm=64, bn=32, bk=32, max_concurrent_steps=2, grid_tile_width=2)]
-    if (
-        args.check_mosaic
-    ):  # ragged groups: the first timed config on the card, both variants in interpret mode
-        on_gpu = dev.platform == "gpu"
-        small_ws = gm_mgpu.MgpuTiles(64, 128, 64, 2, 2, compute_wgs=2)
-        for tiles in mosaic_tiles[:1] if on_gpu else [gm_mgpu.MgpuTiles(64, 64, 64, 2, 2), small_ws]:
-            try:
-                ok = check_mosaic(tiles, interpret=not on_gpu) and ok
-            except Exception as err:  # noqa: BLE001 - a failed compile must not cost the timings
-                print(f"CHECK MOSAIC ERROR {tiles}: {type(err).__name__}: {str(err)[:1500]}", flush=True)
-                ok = False
+        micro_impls = [i.partition(":")[0] for i in micro_impls]
+    if args.check_mosaic:
+        ok = run_mosaic_checks(mosaic_tiles, on_gpu=dev.platform == "gpu") and ok
     ceiling = ceiling_tflops(args.small)
     print(f"ceiling: dense bf16 matmul {ceiling:.1f} TFLOP/s")
     if args.breakdown or args.small:
@@ -638,7 +649,7 @@ def main(argv=None):
             args.iters,
             has_torch,
             tiles,
-            impls=args.micro_impls.split(","),
+            impls=micro_impls,
             mosaic_tiles=mosaic_tiles,
             deadline=deadline,
         )

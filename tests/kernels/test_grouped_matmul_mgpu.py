@@ -141,3 +141,13 @@ def test_ops_dispatch_mosaic(rng):
     y = np.asarray(ops.grouped_matmul(x, w, sizes, impl="mosaic", mosaic_tiles=TILES), np.float32)
     ref = np.asarray(ops.grouped_matmul(x, w, sizes, impl="reference"))
     np.testing.assert_allclose(y, ref, atol=2e-2 * np.abs(ref).max(), rtol=1e-2)
+
+
+def test_bench_tile_spec():
+    """The benchmark's --mosaic-tiles / mosaic:SPEC syntax (the GPU command depends on it)."""
+    from experiments.bench import moe as moe_bench  # noqa: PLC0415
+
+    assert moe_bench.parse_mosaic_tiles("128x256x64s3c2") == mg.WS_TILES
+    assert moe_bench.parse_mosaic_tiles("128x128x64") == mg.MgpuTiles()
+    with pytest.raises(ValueError, match="--mosaic-tiles: expected"):
+        moe_bench.parse_mosaic_tiles("128x128")
