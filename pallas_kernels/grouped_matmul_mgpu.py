@@ -6,31 +6,39 @@ Letters: M rows of x, K contraction, N output columns, G groups; Tm = ceil(M / b
 ``group_sizes_G`` (sorted by group, as after an expert sort; empty groups allowed; rows past the last group
 give zeros). bf16 (or f16) in, float32 accumulation, x's dtype out.
 
-Design (v1):
+Design:
 - Row-tile ownership instead of per-(group, tile) work items: each (row tile, column tile) pair is one work
   item, owned by one CTA, written once by one TMA store. A row tile that straddles a group boundary loops
   over the groups it touches (``tile_groups_Tmx2`` from a plain-JAX prologue: first group, count); for
   each group it runs the whole K pipeline into a fresh wgmma accumulator and merges only that group's rows
   into the output tile in shared memory (a select on a row iota). So there are no overlapping stores, no
   masked TMA, and rows belonging to no group come out as zeros. Work = (Tm + boundaries) x Tn tile
-  GEMMs, the same count as the usual "one item per (group, tile)" schedule.
-- Persistent grid: one CTA per SM, ``plgpu.nd_loop`` strides over the Tm x Tn work items; items are ordered
-  by ``plgpu.planar_snake`` in bands of ``grid_tile_width`` row tiles so concurrent CTAs share x row tiles
-  and w column tiles in L2.
-- Per work item: ``plgpu.emit_pipeline`` over K / bk steps, ``max_concurrent_steps`` TMA stages of a
-  (bm, bk) x tile and a (bk, bn) w[g] tile in 128-byte-swizzled shared memory; the body issues one async
-  ``plgpu.wgmma`` and waits for the previous one (one MMA in flight, its buffers released one step late).
-- Epilogue: accumulator -> bf16 -> row select into a swizzled (bm, bn) SMEM tile -> TMA store.
+  GEMMs, the same count as the usual "one item per (group, tile)" schedule; an aligned group (the micro:
+  512 rows per expert) costs nothing extra.
+- Persistent grid: one CTA per SM, ``plgpu.nd_loop`` strides over the Tm x Tn work items, ordered by
+  ``plgpu.planar_snake`` (N minor, in bands of ``grid_tile_width`` column tiles) so the CTAs in flight share
+  x row tiles and w[g] column bands in L2.
+- Operand tiles: (bm, bk) of x and (bk, bn) of w[g] by TMA into 128-byte-swizzled shared memory, wgmma
+  straight from shared memory into a float32 register accumulator.
+- ``compute_wgs=1`` (v1, ``MgpuTiles()``, 128x128x64, 4 stages): one warpgroup runs ``plgpu.emit_pipeline``
+  (TMA issue + wgmma); one async wgmma in flight, its buffers released a step late (``delay_release=1``);
+  two output tiles in SMEM so the TMA store of item i overlaps item i + 1.
+- ``compute_wgs=2`` (``WS_TILES``, 128x256x64, 3 stages): ``plgpu.emit_pipeline_warp_specialized``, a
+  third warpgroup only issues TMA loads (40 registers) and runs ahead into the next group / item while the
+  two wgmma warpgroups (bn/2 = 128 columns each, 128 accumulator registers) finish their epilogue.
+- Epilogue: accumulator -> bf16 -> row select into a swizzled SMEM tile -> TMA store.
 - M not a multiple of bm: x is padded to whole row tiles in the wrapper (one copy of x) and the output
   sliced back; the micro shape (M = 32768) needs neither.
 
 Not done (still only in the Triton kernels of ``grouped_matmul.py``): gathering rows by token index (TMA
 cannot gather rows on Hopper; this kernel wants x already permuted into group order), the fused SwiGLU /
 two-accumulator up projection, the weighted scatter combine, the backward (transposed grouped GEMM for
-weight gradients). Also not done: warp specialisation (a producer warpgroup + two consumer warpgroups, i.e.
-128 x 256 CTA tiles, which is what the fastest Hopper matmuls use), clusters / TMA multicast, an epilogue
-overlapped with the next item's loads, a K tail (K and N must be multiples of bk and bn). Unmeasured: the
-kernel has only run in interpret mode on CPU and been lowered (not compiled) for CUDA.
+weight gradients); so the MoE layer does not use this kernel yet. Also not done: clusters / TMA multicast of
+the shared w tile, a pipeline carried across work items (``pipeline_state``: no refill bubble per item),
+async wgmma in the warp-specialised variant, a K / N tail (K and N must be multiples of bk and bn),
+autotuning. Unmeasured: the kernel has run only in GPU interpret mode on CPU, and been lowered through
+Mosaic GPU (layout inference and dialect lowering included) for CUDA on CPU; PTX compilation and
+the numbers wait for a GPU run (``experiments/bench/moe.py --micro``).
 """
 
 from __future__ import annotations
@@ -50,8 +58,8 @@ SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on H100 / H200
 @dataclasses.dataclass(frozen=True)
 class MgpuTiles:
     """bm x bn output tile per work item (each compute warpgroup holds a bm x bn/compute_wgs float32
-    accumulator: bm*bn/(128*compute_wgs) registers per thread), bk contraction step, TMA pipeline depth, row
-    tiles per L2 band, CTAs (None: one per SM)."""
+    accumulator: bm*bn/(128*compute_wgs) registers per thread), bk contraction step, TMA pipeline depth,
+    column tiles per L2 band (planar_snake), CTAs (None: one per SM)."""
 
     bm: int = 128
     bn: int = 128
