@@ -655,6 +655,8 @@ def main(argv=None):
         )
         ok = ok and micro_ok
     bench_layer(configs, n_tok, impls, blocks, dtype, ceiling, args.iters, has_torch)
+    verdict = "ok" if ok else "FAILED"
+    print(f"elapsed {time.perf_counter() - t_start:.1f} s since argument parsing; checks {verdict}")
     return 0 if ok else 1
 
 
