@@ -5,8 +5,11 @@ Implementations of one dropless top-k MoE layer (router + experts + combine, Swi
   ragged  sort + permute + jax.lax.ragged_dot + unpermute (MaxText style, impl="xla")
   gshard  GShard dense capacity einsum (groups of 1024 tokens, capacity factor 1.25, overflow dropped)
   torch   MegaBlocks-style PyTorch layer: sort, permute, torch._grouped_mm, unpermute, autograd
-Plus a grouped-GEMM microbenchmark (T=32768, H=2048, F=1024, E=64 equal groups): our gather-GEMM kernel
-(expert_up, activation "linear") vs jax.lax.ragged_dot, dense batched einsum and torch._grouped_mm.
+Plus a grouped-GEMM microbenchmark (T=32768, H=2048, F=1024, E=64 equal groups, --micro): our Triton
+gather-GEMM kernel (expert_up, activation "linear"), the Mosaic GPU TMA + wgmma grouped GEMM on contiguous
+groups (pallas_kernels/grouped_matmul_mgpu.py, rows "mosaic ..."), jax.lax.ragged_dot, dense batched einsum
+and torch._grouped_mm, each with TFLOP/s, % of the dense ceiling and % of torch; --micro-impls sets the
+rows and their order ("check" = Mosaic vs reference on ragged groups), --deadline skips late rows.
 
 FLOPs (fwd+bwd, experts only) = 3 * 2 * L*k * (3 d F) for SwiGLU (forward 3 GEMMs, backward 6).
 Peak activation memory: JAX = compiled temp bytes of the jitted fwd+bwd (XLA memory analysis: every
@@ -15,6 +18,9 @@ minus the memory held before it. Ceiling = measured dense bf16 8192^3 matmul TFL
 
   PYTHONPATH=. python3 experiments/bench/moe.py --check --suite paper     # GPU
   python experiments/bench/moe.py --small                                 # CPU, seconds
+  PYTHONPATH=. python3 experiments/bench/moe.py --suite none --micro --micro-impls \
+      torch,fused,check,mosaic,mosaic:128x128x64s4 --mosaic-tiles 128x256x64s3c2 --micro-tiles best \
+      --iters 20 --deadline 36                                            # GPU, Mosaic vs torch, < 45 s
 torch is imported lazily (only the GPU image has it).
 """
 
@@ -274,7 +280,7 @@ MICRO_ROW_COST_S = {"check": 5.0, "torch": 3.0, "mosaic": 5.0, "fused": 15.0, "r
 
 def parse_mosaic_tiles(spec: str) -> gm_mgpu.MgpuTiles:
     """'128x256x64s3c2w8': bm x bn x bk, s pipeline stages (4), c compute warpgroups (1; 2 = warp-specialised
-    with a TMA warpgroup), w row tiles per L2 band (8)."""
+    with a TMA warpgroup), w column tiles per L2 band (8)."""
     match = re.fullmatch(r"(\d+)x(\d+)x(\d+)(?:s(\d+))?(?:c(\d+))?(?:w(\d+))?", spec)
     if match is None:
         raise ValueError(f"--mosaic-tiles: expected e.g. 128x256x64s3c2w8, got {spec!r}")
