@@ -8,9 +8,9 @@ are the measured *collisions* (target: 0 up to L = 0.9 with max_probe = 128). Th
 ``--collisions-only``, per batch size N and ID stream (``zipf``: exponent 1.05 over the stored IDs by rank;
 ``uniform`` over the stored IDs) it times:
 - lookup (read only) of N stored IDs (checked: every ID found, in a slot holding it);
-- insert-or-find of N IDs of which ``--new-frac`` are new (the table is donated and fed back, each rep
-  inserting fresh IDs, so the load creeps up by new_frac N / S per rep; the first rep is checked: same ID ->
-  one slot, distinct IDs -> distinct slots, stored IDs HIT, new IDs INSERTED);
+- insert-or-find of N IDs of which ``--new-frac`` are new, at random lanes (the table is donated and fed back,
+  each rep inserting fresh IDs, so the load creeps up by new_frac N / S per rep; the first rep is checked:
+  same ID -> one slot, distinct IDs -> distinct slots, stored IDs HIT, new IDs INSERTED);
 for the Pallas kernel and the reference (``--ref-max-n`` caps the reference's batch, ``--ref-probing`` its
 schemes).
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -122,28 +123,39 @@ def report(op, impl, probing, n_slots, load, n, dist, t, byts, peak):
 
 def time_point(args, fns, table, stored, rng, probing, n_slots, load, peak):
     """Lookup and insert-or-find timings (with their checks) at one fill level."""
-    look, look_ref, ins, ins_ref = fns
+    look, look_ref, ins, ins_ref, look_widths = fns
     for n in args.batches:
+        if past_deadline(args, f"timings {probing} N={n}"):
+            return
         with_ref = n <= args.ref_max_n and probing in args.ref_probing
         for dist in args.dists:
+            if past_deadline(args, f"timings {probing} N={n} {dist}"):
+                return
             q = jnp.asarray(stream(rng, stored, n, dist))
             got = np.asarray(look(table, q))
             if not (got >= 0).all():
                 print(f"# CHECK FAILED lookup {probing}: {int((got < 0).sum())} stored IDs not found")
             ops = [("lookup", "pallas", lambda r, q=q: look(table, q))]
+            ops += [
+                (f"lookup w{w}", "pallas", lambda r, q=q, f=f: f(table, q)) for w, f in look_widths.items()
+            ]
             if with_ref:
                 ops.append(("lookup", "reference", lambda r, q=q: look_ref(table, q)))
             for op, impl, fn in ops:
                 t = timed(fn, args.reps)
                 report(op, impl, probing, n_slots, load, n, dist, t, n * (8 + 4 + 32), peak)
             n_new = max(1, int(args.new_frac * n))
-            news = [jnp.asarray(fresh_ids(rng, n_new)) for _ in range(args.reps + 1)]
+            q_host = np.asarray(q)
+            batches = []  # stored IDs + fresh IDs at random lanes, built outside the timed calls
+            for _ in range(args.reps + 1):
+                b = np.concatenate([q_host[: n - n_new], fresh_ids(rng, n_new)])
+                batches.append(jnp.asarray(b[rng.permutation(n)]))
             impls = [("pallas", ins)] + ([("reference", ins_ref)] if with_ref else [])
             for impl, fn_ins in impls:
                 holder = {"t": table.copy()}
 
-                def run(r, fn_ins=fn_ins, holder=holder, q=q, n=n, n_new=n_new, news=news, impl=impl):
-                    batch = jnp.concatenate([q[: n - n_new], news[r]])
+                def run(r, fn_ins=fn_ins, holder=holder, q=q, batches=batches, impl=impl):
+                    batch = batches[r]
                     holder["t"], s, st = fn_ins(holder["t"], batch)
                     if r == 0:  # the warm-up call: check its result
                         slot, status = np.asarray(s), np.asarray(st)
@@ -156,6 +168,52 @@ def time_point(args, fns, table, stored, rng, probing, n_slots, load, peak):
                 byts = n * (8 + 4 + 4 + 32) + n_new * 8
                 report("insert_or_find", impl, probing, n_slots, load, n, dist, t, byts, peak)
                 del holder
+
+
+START = time.perf_counter()
+
+
+def past_deadline(args, what: str) -> bool:
+    """True (and says so) once ``--deadline`` seconds have passed since the start: the rest is skipped."""
+    if args.deadline and time.perf_counter() - START > args.deadline:
+        print(f"# SKIPPED (deadline {args.deadline} s): {what}", flush=True)
+        return True
+    return False
+
+
+def measure(args, probing, n_slots, fill_impl, interpret, peak):
+    """Fill one table level by level (counting FULL) and time at each level -> fill report rows."""
+    rng = np.random.default_rng(args.seed)
+    bucket_size = min(args.bucket_size, n_slots)
+    num_buckets = n_slots // bucket_size
+    kw = dict(num_buckets=num_buckets, max_probe=args.max_probe, probing=probing)
+    kkw = dict(kw, block=args.block, width=args.width, num_warps=args.num_warps, interpret=interpret)
+    ins = jax.jit(functools.partial(kz.insert_or_find_i64, **kkw), donate_argnums=0)
+    ins_ref = jax.jit(functools.partial(kz.insert_or_find_reference_i64, **kw), donate_argnums=0)
+    look = jax.jit(functools.partial(kz.lookup_i64, **kkw))
+    look_ref = jax.jit(functools.partial(kz.lookup_reference_i64, **kw))
+    widths = args.lookup_widths if probing == "two_choice" else []  # the scheme being tuned
+    look_widths = {w: jax.jit(functools.partial(kz.lookup_i64, **dict(kkw, width=w))) for w in widths}
+    table = jnp.full((n_slots,), kz.EMPTY, jnp.int64)
+    stored, n_full, offered, rows = np.zeros((0,), np.int64), 0, 0, []
+    for load in sorted(args.loads):
+        if past_deadline(args, f"fill {probing} to {load}"):
+            break
+        t0 = time.perf_counter()
+        fill_fn = ins if fill_impl == "pallas" else ins_ref
+        target = int(round(load * n_slots))
+        table, stored, full_here, offered_here = fill(fill_fn, table, rng, target, args.fill_batch, stored)
+        n_full, offered = n_full + full_here, offered + offered_here
+        real_load = float(jnp.sum(table != kz.EMPTY)) / n_slots
+        if int(round(real_load * n_slots)) != len(stored):
+            print(f"# CHECK FAILED fill {probing}: {len(stored)} inserted, {real_load} live")
+        row = (probing, n_slots, load, real_load, n_full, offered, full_here, offered_here)
+        rows.append(row + (time.perf_counter() - t0,))
+        print(f"# filled {probing} S={n_slots} to {real_load:.4f}: FULL {n_full} of {offered}", flush=True)
+        if not args.collisions_only:
+            fns = (look, look_ref, ins, ins_ref, look_widths)
+            time_point(args, fns, table, stored, rng, probing, n_slots, real_load, peak)
+    return rows
 
 
 def main():
@@ -179,6 +237,10 @@ def main():
     ap.add_argument("--fill-impl", choices=["auto", "pallas", "reference"], default="auto")
     ap.add_argument("--collisions-only", action="store_true", help="fill and count FULL, no timings")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--lookup-widths", type=int, nargs="*", default=[], help="extra lookup widths (two_choice)"
+    )
+    ap.add_argument("--deadline", type=float, default=0, help="seconds; later steps are skipped (0: none)")
     args = ap.parse_args()
     interpret = jax.devices()[0].platform != "gpu"
     if args.small:
@@ -202,39 +264,13 @@ def main():
     with jax.enable_x64(True):
         for probing in args.probing:
             for n_slots in args.slots:
-                rng = np.random.default_rng(args.seed)
-                bucket_size = min(args.bucket_size, n_slots)
-                num_buckets = n_slots // bucket_size
-                kw = dict(num_buckets=num_buckets, max_probe=args.max_probe, probing=probing)
-                kkw = dict(
-                    kw, block=args.block, width=args.width, num_warps=args.num_warps, interpret=interpret
-                )
-                ins = jax.jit(functools.partial(kz.insert_or_find_i64, **kkw), donate_argnums=0)
-                ins_ref = jax.jit(functools.partial(kz.insert_or_find_reference_i64, **kw), donate_argnums=0)
-                look = jax.jit(functools.partial(kz.lookup_i64, **kkw))
-                look_ref = jax.jit(functools.partial(kz.lookup_reference_i64, **kw))
-                table = jnp.full((n_slots,), kz.EMPTY, jnp.int64)
-                stored, n_full, offered = np.zeros((0,), np.int64), 0, 0
-                for load in sorted(args.loads):
-                    t0 = time.perf_counter()
-                    table, stored, full_here, offered_here = fill(
-                        ins if fill_impl == "pallas" else ins_ref,
-                        table,
-                        rng,
-                        int(round(load * n_slots)),
-                        args.fill_batch,
-                        stored,
-                    )
-                    n_full, offered = n_full + full_here, offered + offered_here
-                    real_load = float(jnp.sum(table != kz.EMPTY)) / n_slots
-                    if int(round(real_load * n_slots)) != len(stored):
-                        print(f"# CHECK FAILED fill {probing}: {len(stored)} inserted, {real_load} live")
-                    row = (probing, n_slots, load, real_load, n_full, offered, full_here, offered_here)
-                    fill_report.append(row + (time.perf_counter() - t0,))
-                    if not args.collisions_only:
-                        fns = (look, look_ref, ins, ins_ref)
-                        time_point(args, fns, table, stored, rng, probing, n_slots, real_load, peak)
-                del table
+                if past_deadline(args, f"{probing} S={n_slots}"):
+                    continue
+                try:
+                    fill_report += measure(args, probing, n_slots, fill_impl, interpret, peak)
+                except Exception as e:  # one scheme failing (e.g. a Triton error) must not lose the other
+                    traceback.print_exc()
+                    print(f"# FAILED {probing} S={n_slots}: {e!r}", flush=True)
     print(
         f"\n| probing | S | target load | load | FULL (cumulative) | IDs offered | FULL / offered | "
         f"FULL since previous load | fraction there | fill s |  (max_probe={args.max_probe}, "
