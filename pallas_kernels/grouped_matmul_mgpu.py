@@ -26,7 +26,8 @@ Design:
 - ``compute_wgs=2`` (``WS_TILES``, 128x256x64, 3 stages): ``plgpu.emit_pipeline_warp_specialized``, a
   third warpgroup only issues TMA loads (40 registers) and runs ahead into the next group / item while the
   two wgmma warpgroups (bn/2 = 128 columns each, 128 accumulator registers) finish their epilogue.
-- Epilogue: accumulator -> bf16 -> row select into a swizzled SMEM tile -> TMA store.
+- Epilogue: accumulator -> bf16 -> swizzled SMEM tile -> TMA store; a tile inside one group (the common
+  case) is stored as is, a boundary tile is zero-filled first and each group's rows are selected into it.
 - M not a multiple of bm: x is padded to whole row tiles in the wrapper (one copy of x) and the output
   sliced back; the micro shape (M = 32768) needs neither.
 
@@ -99,6 +100,28 @@ def _swizzled(dtype, minor: int):
     return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
 
 
+def _inside_one_group(bounds_ref, first, count, row0, bm):
+    """The row tile lies inside one group (every tile of a tile-aligned group, all of the micro's): the
+    output tile is then written straight from the accumulator, without a zero fill and a row select."""
+    start, end = bounds_ref[first, 0], bounds_ref[first, 1]
+    return (count == 1) & (start <= row0) & (end >= row0 + bm)
+
+
+def _merge_rows(y_ref, acc, whole, row0, start, end):
+    """Write this group's rows [start, end) of the float32 tile ``acc`` into the SMEM output tile."""
+    out = acc.astype(y_ref.dtype)
+
+    @pl.when(whole)
+    def _():
+        y_ref[...] = out
+
+    @pl.when(jnp.logical_not(whole))
+    def _():
+        rows = row0 + plgpu.broadcasted_iota(jnp.int32, out.shape, 0)
+        mine = (rows >= start) & (rows < end)
+        y_ref[...] = jnp.where(mine, out, y_ref[...])
+
+
 def _kernel(tile_groups_ref, bounds_ref, x_gmem, w_gmem, y_gmem, y_smem2, *, tiles: MgpuTiles):
     bm, bn, bk = tiles.bm, tiles.bn, tiles.bk
     m_rows, k_dim = x_gmem.shape
@@ -131,7 +154,11 @@ def _kernel(tile_groups_ref, bounds_ref, x_gmem, w_gmem, y_gmem, y_smem2, *, til
         # Two output buffers: the TMA store of item i overlaps the K loop of item i + 1.
         y_smem = y_smem2.at[info.local_index % 2]
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that last read this buffer is done
-        y_smem[...] = jnp.zeros((bm, bn), y_gmem.dtype)  # rows of no group stay zero
+        whole = _inside_one_group(bounds_ref, first, count, row0, bm)
+
+        @pl.when(jnp.logical_not(whole))
+        def _():
+            y_smem[...] = jnp.zeros((bm, bn), y_gmem.dtype)  # rows of no group stay zero
 
         @pl.loop(0, count)
         def _group(j):
@@ -141,9 +168,7 @@ def _kernel(tile_groups_ref, bounds_ref, x_gmem, w_gmem, y_gmem, y_smem2, *, til
             @pl.when(end > start)  # empty groups between two others
             def _():
                 acc = pl.run_scoped(functools.partial(tile_product, g), plgpu.ACC((bm, bn), jnp.float32))
-                rows = row0 + plgpu.broadcasted_iota(jnp.int32, (bm, bn), 0)
-                mine = (rows >= start) & (rows < end)
-                y_smem[...] = jnp.where(mine, acc.astype(y_gmem.dtype), y_smem[...])
+                _merge_rows(y_smem, acc, whole, row0, start, end)
 
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_smem, y_gmem.at[pl.ds(row0, bm), pl.ds(ni * bn, bn)])
@@ -198,10 +223,15 @@ def _kernel_ws(tile_groups_ref, bounds_ref, x_gmem, w_gmem, y_gmem, *, tiles: Mg
             row0 = mi * bm
             y_wg = y_smem.at[jnp.minimum(wg, n_wg - 1)]  # touched by compute warpgroups only
 
+            whole = _inside_one_group(bounds_ref, first, count, row0, bm)
+
             @pl.when(is_compute)
             def _():
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this warpgroup's previous store
-                y_wg[...] = jnp.zeros((bm, wn), y_gmem.dtype)
+
+                @pl.when(jnp.logical_not(whole))
+                def _():
+                    y_wg[...] = jnp.zeros((bm, wn), y_gmem.dtype)
 
             @pl.loop(0, count)
             def _group(j):
@@ -217,10 +247,7 @@ def _kernel_ws(tile_groups_ref, bounds_ref, x_gmem, w_gmem, y_gmem, *, tiles: Mg
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, wn), jnp.float32))
                     def _(acc_ref):
                         run_k_loop(acc_ref)
-                        acc = acc_ref[...]
-                        rows = row0 + plgpu.broadcasted_iota(jnp.int32, (bm, wn), 0)
-                        mine = (rows >= start) & (rows < end)
-                        y_wg[...] = jnp.where(mine, acc.astype(y_gmem.dtype), y_wg[...])
+                        _merge_rows(y_wg, acc_ref[...], whole, row0, start, end)
 
                 @pl.when(end > start)  # uniform over the warpgroups: all of them skip empty groups
                 def _():
