@@ -34,6 +34,8 @@ def _sizes(rng, kind, m, g):
         sizes = np.zeros(g, np.int64)
         sizes[1:-1] = rng.integers(1, 9, size=g - 2)
         sizes[g // 2] += m - sizes.sum()
+    elif kind == "aligned_then_ragged":  # tiles inside one group (stored straight) next to boundary tiles
+        sizes = np.asarray([2 * TILES.bm, TILES.bm, 0, m - 3 * TILES.bm - 5] + [0] * (g - 4))
     else:
         raise ValueError(kind)
     assert sizes.min() >= 0 and sizes.sum() <= m
@@ -47,6 +49,7 @@ def _sizes(rng, kind, m, g):
         ("one_group_all_rows", 192, 4, jnp.bfloat16, TILES),
         ("partial_total", 200, 5, jnp.bfloat16, TILES),  # M not a multiple of bm (padded in the wrapper)
         ("empty_ends", 130, 7, jnp.float16, TILES),
+        ("aligned_then_ragged", 300, 4, jnp.bfloat16, TILES),
         ("random_with_empty", 200, 5, jnp.bfloat16, WS_TILES),  # warp-specialised, 2 compute warpgroups
     ],
     ids=[
@@ -54,6 +57,7 @@ def _sizes(rng, kind, m, g):
         "one_group_all_rows",
         "partial_total",
         "empty_ends_f16",
+        "aligned_then_ragged",
         "ws_random_with_empty",
     ],
 )
@@ -72,7 +76,9 @@ def test_matches_reference(rng, kind, m, g, dtype, tiles):
     assert (np.abs(y[:total]).max(axis=1) > 0).all()  # and every owned row is written
 
 
-@pytest.mark.parametrize("kind", ["random_with_empty", "one_group_all_rows", "partial_total", "empty_ends"])
+@pytest.mark.parametrize(
+    "kind", ["random_with_empty", "one_group_all_rows", "partial_total", "empty_ends", "aligned_then_ragged"]
+)
 def test_tile_schedule_covers_each_row_once(rng, kind):
     m, g, bm = 200, 7, 16
     sizes = _sizes(rng, kind, m, g)
