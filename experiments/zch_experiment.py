@@ -19,9 +19,9 @@ Per dataset, model, table size (``--factors`` x the number of distinct item IDs)
 - ``coll``: collision rate. modulo: distinct IDs sharing their row with another distinct ID (static);
   MPZCH: ID occurrences in the last epoch with no own row (fallback).
 - ``evict``: MPZCH evictions per ID occurrence in the last epoch (an evicted ID comes back fresh).
-- ``inherit``: freshness violations in the last epoch: of the ID occurrences that arrive on a row last
-  trained for another ID, the fraction whose row was not reset (it inherits the other ID's embedding and
-  Adam moments). modulo: > 0 as soon as IDs share rows; MPZCH: 0 by construction.
+- ``inherit``: freshness violations per ID occurrence in the last epoch: occurrences that arrive on a row
+  last trained for another ID without a reset (they start from the other ID's embedding and Adam moments).
+  modulo: > 0 as soon as IDs share rows; MPZCH: 0 by construction (a new owner's row is always reset).
 - ``unknown``: test targets with no row at evaluation (MPZCH read-only lookup; counted as misses).
 - ``hr@10`` / ``ndcg@10``: leave-one-out test metrics, full ranking over the model's rows (unused rows
   included).
@@ -366,7 +366,7 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
                 for ax, key, title in zip(
                     row,
                     ("hr@10", "coll", "inherit"),
-                    ("test HR@10", "collision rate", "arrivals on a trained row, not reset"),
+                    ("test HR@10", "collision rate", "occurrences on another ID's row"),
                     strict=True,
                 ):
                     ax.errorbar(

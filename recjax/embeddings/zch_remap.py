@@ -179,8 +179,9 @@ class ItemIdRemapper:
         )
 
     def rates(self, totals: Mapping[str, jax.Array], state: dict) -> dict[str, jax.Array]:
-        """Rates per ID occurrence from summed ``COUNTERS`` (hit, insert, eviction, fallback), the fraction of
-        arrivals that inherited another ID's trained row, and the table usage (rows with an owner)."""
+        """Rates per ID occurrence from summed ``COUNTERS``: hit, insert, eviction, fallback, arrival (on a
+        row last trained for another ID) and inherited (such an arrival without a reset: the ID starts from
+        another ID's embedding and Adam moments); and the table usage (rows with an owner)."""
         n = jnp.maximum(totals["ids"], 1).astype(jnp.float32)
         out = {
             "hit_rate": totals["hits"] / n,
@@ -188,7 +189,8 @@ class ItemIdRemapper:
             "eviction_rate": totals["evictions"] / n,
             "fallback_rate": totals["fallbacks"] / n,
         }
-        out["inherited_rate"] = totals["inherited"] / jnp.maximum(totals["arrivals"], 1).astype(jnp.float32)
+        out["arrival_rate"] = totals["arrivals"] / n
+        out["inherited_rate"] = totals["inherited"] / n
         if self.coll is not None:
             used = (state["item"]["last_seen"] >= 0).sum()
         elif "owner" in state:

@@ -207,3 +207,31 @@ def test_bad_inputs():
         zr.reset_item_rows(
             {"embedding": {"items": jnp.ones((5, 2))}}, (), jnp.zeros((3,), bool), jax.random.key(0)
         )
+
+
+def test_owner_tracking_counts_inherited_rows_for_modulo_only(rng):
+    """IDs a, b share a modulo row: b arriving after a inherits a's trained row (counted), a coming back
+    inherits b's; with MPZCH both get their own (reset) rows and nothing is inherited."""
+    cand = distinct_ids(rng, 200)
+    _, h = ops.windows(ops.as_id_pairs(cand), num_buckets=1, bucket_size=T)
+    h = np.asarray(h)
+    i = next(i for i in range(len(cand)) if (h[:i] == h[i]).any())
+    a, b = cand[int(np.argmax(h[:i] == h[i]))], cand[i]
+    stream = [a, a, b, b, a]  # one ID per training call, as the target of a one-step sequence
+    want = {"modulo": ([1, 0, 1, 0, 1], [0, 0, 1, 0, 1]), "mpzch": ([1, 0, 1, 0, 0], [0, 0, 0, 0, 0])}
+    for method, (arrivals, inherited) in want.items():
+        r = remapper(method)
+        state, got = r.init_state(), ([], [])
+        for step, x in enumerate(stream):
+            _, state, _, stats = r.remap(state, raw_batch(np.array([[0, x]])), step)
+            got[0].append(int(stats["arrivals"]))
+            got[1].append(int(stats["inherited"]))
+        assert got == (arrivals, inherited), method
+        totals = {k: 0 for k in zr.COUNTERS} | {
+            "ids": 5,
+            "arrivals": sum(arrivals),
+            "inherited": sum(inherited),
+        }
+        rates = r.rates(totals, state)
+        assert float(rates["inherited_rate"]) == pytest.approx(sum(inherited) / 5)
+        assert float(rates["table_usage"]) == pytest.approx((1 if method == "modulo" else 2) / T)
