@@ -19,7 +19,7 @@ minus the memory held before it. Ceiling = measured dense bf16 8192^3 matmul TFL
   PYTHONPATH=. python3 experiments/bench/moe.py --check --suite paper     # GPU
   python experiments/bench/moe.py --small                                 # CPU, seconds
   PYTHONPATH=. python3 experiments/bench/moe.py --suite none --micro --micro-impls \
-      torch,fused,check,mosaic,mosaic:128x128x64s4 --mosaic-tiles 128x256x64s3c2 --micro-tiles best \
+      torch,check,mosaic,fused,mosaic:128x128x64s4 --mosaic-tiles 128x256x64s3c2 --micro-tiles best \
       --iters 20 --deadline 36                                            # GPU, Mosaic vs torch, < 45 s
 torch is imported lazily (only the GPU image has it).
 """
@@ -271,7 +271,7 @@ def bench_layer(configs, n_tok, impls, blocks, dtype, ceiling, iters, has_torch)
 
 
 # Row order of --micro. "mosaic:128x128x64s5" = one extra config; "check" = run_mosaic_checks at that point
-# (after the baselines, so a kernel that fails or hangs on the card cannot cost their numbers).
+# (after torch, so a kernel that fails or hangs on the card cannot cost that number).
 MICRO_IMPLS = ("torch", "mosaic", "fused", "ragged", "dense")
 DEFAULT_MOSAIC_TILES = (gm_mgpu.WS_TILES, gm_mgpu.MgpuTiles())
 # Rough seconds per micro row on an H100/H200 (compile + runs): a row starts only if it fits the deadline.
