@@ -17,8 +17,8 @@ Implementations:
 - ``"pallas"``: one-launch Triton kernel with 64-bit compare-and-swap (``pallas_kernels.zch``); off a GPU it
   runs in interpret mode (slow; for tests).
 - ``"xla"`` / ``"reference"``: the sort/dedupe plain-JAX definition (vectorized rounds; the same function,
-  it is already jit-friendly; a new ID may land on a different free slot than with the kernel, never on a
-  different *set* of guarantees).
+  it is already jit-friendly; a new ID may land on a different free slot - or, with two-choice, window -
+  than with the kernel, never with a different *set* of guarantees).
 ``"auto"`` is Pallas on an NVIDIA GPU (sm_80+) and XLA elsewhere.
 
 Letters: N IDs, S slots.
