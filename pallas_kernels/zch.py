@@ -193,6 +193,15 @@ def _compiler_params(num_warps):
     return plt.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
+# Lanes per program, measured on an H200 at 100M slots, load 0.9 (benchmarks/RESULTS.md, MPZCH): two-choice
+# lookups 1.09-1.37e9 IDs/s with 64 lanes vs 0.97-1.06e9 with 128; linear was best at 128 (vs 256).
+DEFAULT_BLOCK = {"two_choice": 64, "linear": 128}
+
+
+def default_block(probing: str, block: int | None) -> int:
+    return DEFAULT_BLOCK[probing] if block is None else block
+
+
 def lookup_i64(
     table_S,
     ids_N,
@@ -200,13 +209,14 @@ def lookup_i64(
     num_buckets,
     max_probe,
     probing="two_choice",
-    block=128,
+    block=None,
     width=8,
     num_warps=4,
     interpret=False,
 ):
     """Read-only: slot of each ID or -1. int64 arrays; call with x64 enabled."""
     ref.check_probing(probing)
+    block = default_block(probing, block)
     n = ids_N.shape[0]
     ids_pad, n_pad = _pad(ids_N, block)
     kernel = functools.partial(
@@ -270,7 +280,7 @@ def insert_or_find_i64(
     num_buckets,
     max_probe,
     probing="two_choice",
-    block=128,
+    block=None,
     width=8,
     num_warps=4,
     interpret=False,
@@ -278,6 +288,7 @@ def insert_or_find_i64(
     """(new table, slot_N int32 (-1 when every window is full), status_N int32). Call with x64 enabled.
     two_choice dedupes the batch first (see the concurrency argument in the module docstring)."""
     ref.check_probing(probing)
+    block = default_block(probing, block)
     kw = dict(
         num_buckets=num_buckets,
         max_probe=max_probe,
@@ -326,7 +337,7 @@ def zch_insert_or_find(
     num_buckets: int,
     max_probe: int,
     probing: str = "two_choice",
-    block: int = 128,
+    block: int | None = None,
     width: int = 8,
     num_warps: int = 4,
     interpret: bool = False,
@@ -355,7 +366,7 @@ def zch_lookup(
     num_buckets: int,
     max_probe: int,
     probing: str = "two_choice",
-    block: int = 128,
+    block: int | None = None,
     width: int = 8,
     num_warps: int = 4,
     interpret: bool = False,

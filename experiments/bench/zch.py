@@ -230,7 +230,7 @@ def main():
     ap.add_argument("--new-frac", type=float, default=0.01)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--ref-max-n", type=int, default=65536)
-    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--block", type=int, default=None, help="lanes per program (default per scheme)")
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--width", type=int, default=8, help="probes read per window per lane per step")
     ap.add_argument("--fill-batch", type=int, default=1 << 20)
@@ -254,7 +254,8 @@ def main():
     kind, peak = peak_bandwidth()
     print(
         f"# device: {kind}; interpret={interpret}; max_probe={args.max_probe}; "
-        f"bucket_size={args.bucket_size}; fill: {fill_impl}, batch {args.fill_batch}; block={args.block}; "
+        f"bucket_size={args.bucket_size}; fill: {fill_impl}, batch {args.fill_batch}; "
+        f"block={args.block or kz.DEFAULT_BLOCK}; "
         f"width={args.width}"
     )
     if not args.collisions_only:

@@ -112,7 +112,7 @@ def insert_or_find(
     num_buckets: int,
     max_probe: int = 128,
     impl: str = "auto",
-    block: int = 128,
+    block: int | None = None,  # lanes per program; None = the measured default per probing scheme
     probing: str = "two_choice",
 ):
     """-> (identity_Sx2, slot_N int32, status_N int32). See the module docstring."""
@@ -136,7 +136,7 @@ def lookup(
     num_buckets: int,
     max_probe: int = 128,
     impl: str = "auto",
-    block: int = 128,
+    block: int | None = None,  # lanes per program; None = the measured default per probing scheme
     probing: str = "two_choice",
 ):
     """-> slot_N int32, -1 where the ID is not in the table. Never modifies the table."""
