@@ -1,4 +1,4 @@
-"""Trainer with an ID remapper (raw IDs through MPZCH), data parallel over 8 devices: exact resume of
+"""Trainer with an ID remapper (raw IDs through MPZCH), data parallel over 2 devices: exact resume of
 params, optimizer, remap state and epoch counters after a crash mid-epoch; freshness invariants; bad inputs.
 Tiny shapes. HSTU and the modulo baseline through the Trainer: tests/experiments/test_zch_experiment.py."""
 
@@ -26,7 +26,7 @@ def _raw_dataset(seed):
     return SequenceDataset("raw", seqs, int(raw.max()))
 
 
-def _trainer(workdir, split, *, model="sasrec", method="mpzch", devices=8, epochs=2, batch_iter=None):
+def _trainer(workdir, split, *, model="sasrec", method="mpzch", devices=2, epochs=2, batch_iter=None):
     remapper = zr.ItemIdRemapper(zr.RemapConfig(TABLE, method=method, max_probe=16, impl="xla"))
     cfg = TrainConfig(
         batch_size=16,
@@ -60,7 +60,7 @@ def _share_compiled(dst, src):
 
 def test_resume_after_crash_is_exact(tmp_path):
     split = leave_one_out(_raw_dataset(0))
-    full = _trainer(tmp_path / "full", split)  # 8 devices: data parallel, remap on the gathered batch
+    full = _trainer(tmp_path / "full", split)  # 2 devices: data parallel, remap on the gathered batch
     res_full = full.fit()
     # MPZCH never lets an ID arrive on a row trained for another ID without resetting it.
     last = res_full["remap_last_epoch"]
