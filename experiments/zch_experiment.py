@@ -70,6 +70,7 @@ class RunConfig:
     num_negatives: int = 64
     max_probe: int = 64
     eviction: str = "lru"
+    probing: str = "two_choice"  # MPZCH probing: "two_choice" (default) or "linear"
     seed: int = 0  # model init, dropout and batch order
     data_seed: int = 0  # the ML-1M user subset / the churn stream
     devices: int = 1  # data-parallel devices (0: all)
@@ -158,7 +159,12 @@ def make_trainer(split, table_size: int, method: str, cfg: RunConfig, workdir, *
     """A Trainer of ``cfg.model`` on raw IDs through an MPZCH / modulo remapper of ``table_size`` rows."""
     remapper = zr.ItemIdRemapper(
         zr.RemapConfig(
-            table_size, method=method, max_probe=cfg.max_probe, eviction=cfg.eviction, impl=cfg.impl
+            table_size,
+            method=method,
+            max_probe=cfg.max_probe,
+            eviction=cfg.eviction,
+            probing=cfg.probing,
+            impl=cfg.impl,
         )
     )
     model = build_model(
@@ -227,7 +233,12 @@ def remap_only(split, table_size: int, method: str, cfg: RunConfig, *, time_orde
     HR@10 is NaN."""
     remapper = zr.ItemIdRemapper(
         zr.RemapConfig(
-            table_size, method=method, max_probe=cfg.max_probe, eviction=cfg.eviction, impl=cfg.impl
+            table_size,
+            method=method,
+            max_probe=cfg.max_probe,
+            eviction=cfg.eviction,
+            probing=cfg.probing,
+            impl=cfg.impl,
         )
     )
 
@@ -406,6 +417,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
     p.add_argument("--devices", type=int, default=1, help="data-parallel devices (0: all)")
     p.add_argument("--impl", default="auto", help="remap implementation: auto | pallas | xla")
+    p.add_argument("--probing", default=RunConfig.probing, help="MPZCH probing: two_choice | linear")
     p.add_argument("--ids-only", action="store_true", help="no model: the remap stream's ID metrics only")
     p.add_argument("--resume", action="store_true", help="continue runs found in <out>/runs")
     p.add_argument("--small", action="store_true", help="seconds-long smoke setting")
@@ -421,6 +433,7 @@ def main(argv=None) -> list[dict]:
         batch_size=a.batch_size,
         devices=a.devices,
         impl=a.impl,
+        probing=a.probing,
     )
     users = a.users
     if a.small:

@@ -72,6 +72,7 @@ class RemapConfig:
     max_probe: int = 64
     num_buckets: int = 1
     eviction: str = "lru"  # "none" | "lru" | "lfu" | "ttl" (MPZCH only)
+    probing: str = "two_choice"  # or "linear" (recjax.embeddings.zch.ZchTableConfig.probing; MPZCH only)
     ttl: int = 0
     impl: str = "auto"
     track_owners: bool = True  # keep the last training ID of each row: arrivals / inherited counters
@@ -119,6 +120,7 @@ class ItemIdRemapper:
                 num_buckets=cfg.num_buckets,
                 max_probe=min(cfg.max_probe, cfg.table_size // cfg.num_buckets),
                 eviction=policy,
+                probing=cfg.probing,
             )
             self.coll = ez.ZchEmbeddingCollection([table], impl=cfg.impl, seed=seed)
 
