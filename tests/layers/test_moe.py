@@ -92,7 +92,9 @@ def test_xla_and_pallas_match_reference(rng):
     np.testing.assert_allclose(np.asarray(gx), np.asarray(gx_ref), rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gp_ref), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(float(loss_and_grads("pallas", grad=False)), float(l_ref), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        float(loss_and_grads("pallas", grad=False)), float(l_ref), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_mask_zeroes_outputs_and_aux_collected_under_jit(rng):
