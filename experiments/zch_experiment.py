@@ -155,9 +155,8 @@ def _model_kw(cfg: RunConfig) -> dict:
     return kw | dict(attention_dim=cfg.embed_dim, linear_dim=cfg.embed_dim)
 
 
-def make_trainer(split, table_size: int, method: str, cfg: RunConfig, workdir, *, time_ordered: bool):
-    """A Trainer of ``cfg.model`` on raw IDs through an MPZCH / modulo remapper of ``table_size`` rows."""
-    remapper = zr.ItemIdRemapper(
+def make_remapper(table_size: int, method: str, cfg: RunConfig) -> zr.ItemIdRemapper:
+    return zr.ItemIdRemapper(
         zr.RemapConfig(
             table_size,
             method=method,
@@ -167,6 +166,11 @@ def make_trainer(split, table_size: int, method: str, cfg: RunConfig, workdir, *
             impl=cfg.impl,
         )
     )
+
+
+def make_trainer(split, table_size: int, method: str, cfg: RunConfig, workdir, *, time_ordered: bool):
+    """A Trainer of ``cfg.model`` on raw IDs through an MPZCH / modulo remapper of ``table_size`` rows."""
+    remapper = make_remapper(table_size, method, cfg)
     model = build_model(
         cfg.model, remapper.num_items, rngs=nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1), **_model_kw(cfg)
     )
@@ -231,16 +235,7 @@ def remap_only(split, table_size: int, method: str, cfg: RunConfig, *, time_orde
     """The ID-side metrics without a model (seconds): the training stream (the Trainer's batch order)
     goes through the remapper only (one jitted remap), then a read-only lookup of the test targets.
     HR@10 is NaN."""
-    remapper = zr.ItemIdRemapper(
-        zr.RemapConfig(
-            table_size,
-            method=method,
-            max_probe=cfg.max_probe,
-            eviction=cfg.eviction,
-            probing=cfg.probing,
-            impl=cfg.impl,
-        )
-    )
+    remapper = make_remapper(table_size, method, cfg)
 
     @jax.jit
     def fn(st, totals, b, step):

@@ -23,6 +23,23 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+@pytest.fixture
+def assert_same_topk():
+    """Compares two (scores_BxK, ids_BxK) results: scores exactly, ids where the score has no tie."""
+
+    def check(a, b):
+        va, ia = (np.asarray(x) for x in a)
+        vb, ib = (np.asarray(x) for x in b)
+        np.testing.assert_array_equal(va, vb)
+        with np.errstate(invalid="ignore"):  # -inf - -inf
+            step = np.diff(vb, axis=1) != 0
+        unique = np.concatenate([step, np.ones((vb.shape[0], 1), bool)], 1)
+        unique[:, 1:] &= step
+        np.testing.assert_array_equal(ia[unique], ib[unique])
+
+    return check
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
     path = os.environ.get("RECJAX_DATA_DIR")

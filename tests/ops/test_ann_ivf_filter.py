@@ -15,17 +15,6 @@ from recjax.retrieval import bloom, ivf
 SIZES = (5, 60, 41, 20, 49, 28)  # N = 203: not a multiple of block_n = 32; every cluster <= 2 tiles
 
 
-def _assert_same(a, b):
-    va, ia = (np.asarray(x) for x in a)
-    vb, ib = (np.asarray(x) for x in b)
-    np.testing.assert_array_equal(va, vb)
-    with np.errstate(invalid="ignore"):  # -inf - -inf
-        step = np.diff(vb, axis=1) != 0
-    unique = np.concatenate([step, np.ones((vb.shape[0], 1), bool)], 1)
-    unique[:, 1:] &= step  # ids compared where the score has no tie
-    np.testing.assert_array_equal(ia[unique], ib[unique])
-
-
 @pytest.fixture
 def setup(rng):
     d = 12
@@ -43,7 +32,7 @@ def _allowed_ids(ids_BxK, allowed_BxN):
     return all(allowed_BxN[r, ids[ids >= 0]].all() for r, ids in enumerate(np.asarray(ids_BxK)))
 
 
-def test_mask_impls_agree_and_padding(rng, setup):
+def test_mask_impls_agree_and_padding(rng, setup, assert_same_topk):
     x, assign, index = setup
     n, b, k, nprobe = index.num_items, 5, 40, 2
     queries = rng.normal(size=(b, x.shape[1])).astype(np.float32)
@@ -52,7 +41,7 @@ def test_mask_impls_agree_and_padding(rng, setup):
     mask = ann.pack_mask(allowed)
     ref = ann.ivf_search(queries, index, k, nprobe, mask_BxW=mask, impl="reference")
     for impl in ("xla", "pallas"):
-        _assert_same(ann.ivf_search(queries, index, k, nprobe, mask_BxW=mask, impl=impl), ref)
+        assert_same_topk(ann.ivf_search(queries, index, k, nprobe, mask_BxW=mask, impl=impl), ref)
     vals, ids = (np.asarray(a) for a in ref)
     probes = np.asarray(ivf.probe_clusters(queries, index.centroids_LxD, nprobe))
     for r in range(b):
@@ -63,7 +52,7 @@ def test_mask_impls_agree_and_padding(rng, setup):
     assert (ids[1] == -1).all()
     # int32 words (the Bloom output dtype) are read the same as uint32
     words32 = jax.lax.bitcast_convert_type(mask, np.int32)
-    _assert_same(ann.ivf_search(queries, index, k, nprobe, mask_BxW=words32, impl="xla"), ref)
+    assert_same_topk(ann.ivf_search(queries, index, k, nprobe, mask_BxW=words32, impl="xla"), ref)
 
 
 def test_filtered_ivf_is_exact_filter_on_ivf_candidates(rng, setup):
@@ -83,7 +72,7 @@ def test_filtered_ivf_is_exact_filter_on_ivf_candidates(rng, setup):
         np.testing.assert_array_equal(np.asarray(got[1])[r], want_i)  # same tie order (same score matrix)
 
 
-def test_mask_and_bloom_plan_combined(rng, setup):
+def test_mask_and_bloom_plan_combined(rng, setup, assert_same_topk):
     x, _, index = setup
     n, b, k, nprobe = index.num_items, 4, 30, 2
     queries = rng.normal(size=(b, x.shape[1])).astype(np.float32)
@@ -97,7 +86,7 @@ def test_mask_and_bloom_plan_combined(rng, setup):
     kw = dict(mask_BxW=ann.pack_mask(allowed), bloom_index=bidx, plan=plan)
     ref = ann.ivf_search(queries, index, k, nprobe, impl="reference", **kw)
     for impl in ("xla", "pallas"):
-        _assert_same(ann.ivf_search(queries, index, k, nprobe, impl=impl, **kw), ref)
+        assert_same_topk(ann.ivf_search(queries, index, k, nprobe, impl=impl, **kw), ref)
     # Bloom over the id layout, read per item: the plan's bits AND the mask
     id_bloom = bloom.build_bloom_index(feats, bloom.BloomConfig(64, 3))
     bits = bloom.unpack_words(bloom.filter_words(id_bloom, plan, impl="reference"), n)

@@ -8,31 +8,20 @@ from recjax.ops import ann, topk
 from recjax.retrieval import bloom, ivf, quantize
 
 
-def _assert_same(a, b):
-    va, ia = (np.asarray(x) for x in a)
-    vb, ib = (np.asarray(x) for x in b)
-    np.testing.assert_array_equal(va, vb)
-    with np.errstate(invalid="ignore"):  # -inf - -inf
-        step = np.diff(vb, axis=1) != 0
-    unique = np.concatenate([step, np.ones((vb.shape[0], 1), bool)], 1)
-    unique[:, 1:] &= step  # ids compared where the score has no tie
-    np.testing.assert_array_equal(ia[unique], ib[unique])
-
-
-def test_int8_search_impls_agree_with_mask(rng):
+def test_int8_search_impls_agree_with_mask(rng, assert_same_topk):
     n, d, b, k = 333, 20, 6, 15
     items = quantize.quantize_items(rng.normal(size=(n, d)).astype(np.float32))
     queries = rng.normal(size=(b, d)).astype(np.float32)
     mask = ann.pack_mask(rng.random((b, n)) < 0.4)
     for m in (None, mask):
         ref = ann.int8_search(queries, items, k, mask_BxW=m, impl="reference")
-        _assert_same(ann.int8_search(queries, items, k, mask_BxW=m, impl="xla"), ref)
-        _assert_same(ann.int8_search(queries, items, k, mask_BxW=m, impl="pallas", exact=True), ref)
+        assert_same_topk(ann.int8_search(queries, items, k, mask_BxW=m, impl="xla"), ref)
+        assert_same_topk(ann.int8_search(queries, items, k, mask_BxW=m, impl="pallas", exact=True), ref)
     vals, _, certified = ann.int8_search(queries, items, k, impl="xla", return_exact=True)
     assert np.asarray(certified).all()  # the kernel's certificate is tested in tests/kernels
 
 
-def test_filtered_search_returns_only_allowed_items(rng):
+def test_filtered_search_returns_only_allowed_items(rng, assert_same_topk):
     n, d, b, k = 300, 16, 3, 10
     genre = rng.integers(0, 8, (n, 2))
     feats = bloom.item_features({"genre": genre})
@@ -43,7 +32,7 @@ def test_filtered_search_returns_only_allowed_items(rng):
     queries = rng.normal(size=(b, d)).astype(np.float32)
     got = ann.filtered_search(queries, items, k, index, plan, impl="pallas", exact=True)
     ref = ann.filtered_search(queries, items, k, index, plan, impl="reference")
-    _assert_same(got, ref)
+    assert_same_topk(got, ref)
     allowed = bloom.unpack_words(bloom.filter_words(index, plan, impl="reference"), n)
     ids = np.asarray(got[1])
     for r in range(b):
@@ -52,7 +41,7 @@ def test_filtered_search_returns_only_allowed_items(rng):
         assert len(real) == min(k, allowed[r].sum())
 
 
-def test_ivf_search_pallas_matches_dense_definition_with_probe_then_filter(rng):
+def test_ivf_search_pallas_matches_dense_definition_with_probe_then_filter(rng, assert_same_topk):
     n, d, b, k, nprobe = 400, 16, 5, 12, 2
     x = rng.normal(size=(n, d)).astype(np.float32)
     cents = ivf.kmeans(x, ivf.KMeansConfig(num_clusters=6, iterations=3, seed=1))
@@ -61,7 +50,7 @@ def test_ivf_search_pallas_matches_dense_definition_with_probe_then_filter(rng):
         pytest.skip("a cluster above 2 tiles: the kernel's bins would be approximate")
     queries = rng.normal(size=(b, d)).astype(np.float32)
     ref = ann.ivf_search(queries, index, k, nprobe, impl="reference")
-    _assert_same(ann.ivf_search(queries, index, k, nprobe, impl="pallas"), ref)
+    assert_same_topk(ann.ivf_search(queries, index, k, nprobe, impl="pallas"), ref)
     # results lie in the probed clusters
     probes = np.asarray(ivf.probe_clusters(queries, index.centroids_LxD, nprobe))
     assign = np.asarray(ivf.assign_clusters(x, index.centroids_LxD))
@@ -75,7 +64,9 @@ def test_ivf_search_pallas_matches_dense_definition_with_probe_then_filter(rng):
     )
     plan = bloom.compile_queries(bidx, ["tag:1", "tag:2 OR tag:3", "NOT tag:4", "", "tag:0 AND tag:1"])
     ref = ann.ivf_search(queries, index, k, nprobe, bloom_index=bidx, plan=plan, impl="reference")
-    _assert_same(ann.ivf_search(queries, index, k, nprobe, bloom_index=bidx, plan=plan, impl="pallas"), ref)
+    assert_same_topk(
+        ann.ivf_search(queries, index, k, nprobe, bloom_index=bidx, plan=plan, impl="pallas"), ref
+    )
     exact_tag1 = bloom.exact_filter(feats, "tag:1")
     ids = np.asarray(ref[1])[0]
     assert exact_tag1[ids[ids >= 0]].mean() > 0.8  # mostly true matches (Bloom false positives possible)
