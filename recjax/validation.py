@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _is_tracer(x) -> bool:
+def is_tracer(x) -> bool:
+    """True under jit (value checks cannot run there)."""
     return isinstance(x, jax.core.Tracer)
 
 
@@ -37,7 +38,7 @@ def check_dtype(name: str, x, kinds: str) -> None:
 
 
 def check_finite(name: str, x) -> None:
-    if _is_tracer(x):
+    if is_tracer(x):
         return
     arr = np.asarray(x)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
@@ -47,7 +48,7 @@ def check_finite(name: str, x) -> None:
 
 def check_range(name: str, x, low: int, high: int, *, allow: Sequence[int] = ()) -> None:
     """Every value in [low, high) or in ``allow`` (e.g. 0 for padding)."""
-    if _is_tracer(x):
+    if is_tracer(x):
         return
     arr = np.asarray(x)
     ok = (arr >= low) & (arr < high)

@@ -14,7 +14,8 @@ XLA elsewhere.
 
 ``grouped_matmul(lhs_MxK, rhs_GxKxN, group_sizes_G, impl="xla"|"reference"|"mosaic")``: rows in consecutive
 groups. ``"mosaic"`` is the Hopper Mosaic GPU kernel (``pallas_kernels.grouped_matmul_mgpu``: TMA + wgmma,
-bf16/f16 in, x's dtype out; interpret mode off a GPU). Explicit only, never chosen by "auto": unmeasured.
+bf16/f16 in, x's dtype out; interpret mode off a GPU). Explicit only, never chosen by "auto": on an H200 it
+reached 42-49% of torch._grouped_mm, below the Triton kernel (benchmarks/RESULTS.md).
 
 Letters: L tokens, D model dim, F expert hidden, E experts, K top-k; M rows, G groups, N output columns.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import grouped_matmul as gm
 from pallas_kernels import grouped_matmul_mgpu as gm_mgpu
@@ -163,6 +165,12 @@ def grouped_matmul(
     validation.check_shape("rhs_GxKxN", rhs_GxKxN, (None, lhs_MxK.shape[1], None))
     validation.check_shape("group_sizes_G", group_sizes_G, (rhs_GxKxN.shape[0],))
     validation.check_dtype("group_sizes_G", group_sizes_G, "iu")
+    # concrete sizes only (skipped under jit): no negative group, and the groups fit in the M rows
+    validation.check_range("group_sizes_G", group_sizes_G, 0, lhs_MxK.shape[0] + 1)
+    if not validation.is_tracer(group_sizes_G) and int(np.sum(group_sizes_G)) > lhs_MxK.shape[0]:
+        raise ValueError(
+            f"group_sizes_G: expected a total <= M={lhs_MxK.shape[0]} rows, got {int(np.sum(group_sizes_G))}"
+        )
     if impl not in ("xla", "reference", "auto", "mosaic"):
         raise ValueError(f"impl: expected 'auto', 'xla', 'reference' or 'mosaic', got {impl!r}")
     if impl == "reference":

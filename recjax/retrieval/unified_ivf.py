@@ -106,6 +106,14 @@ def check_main_ivf(main: MainIVF, index: FreshIndex, nprobe: int, bloom_index=No
                 f"ivf: the sorted Bloom index has {main.bloom_meta.config}, the plan's index "
                 f"{bloom_index.config} (build both with the same BloomConfig)"
             )
+        # other features would make every main item fail the filter silently (only fresh items returned)
+        meta, want = main.bloom_meta, bloom_index
+        if (meta.feature_names, meta.max_terms_per_item) != (want.feature_names, want.max_terms_per_item):
+            raise ValueError(
+                f"ivf: the sorted Bloom index covers features {meta.feature_names} (max "
+                f"{meta.max_terms_per_item} terms per item), the plan's index {want.feature_names} (max "
+                f"{want.max_terms_per_item}): build_main_ivf(..., bloom_features=) from the same features"
+            )
 
 
 def ivf_candidates(main: MainIVF, nprobe: int, *, plan=None, impl: str = "auto") -> Callable:

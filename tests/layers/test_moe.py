@@ -169,6 +169,15 @@ def test_aux_store_without_copy_warns_and_still_computes(rng):
     np.testing.assert_allclose(float(value), float(jnp.sum(layer.forward(x)[0])), rtol=1e-5, atol=1e-5)
 
 
+def test_grouped_matmul_op_rejects_bad_group_sizes(rng):
+    x = jnp.asarray(rng.normal(size=(64, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(2, 16, 8)), jnp.float32)
+    with pytest.raises(ValueError, match=r"group_sizes_G: expected values in \[0, 65\)"):
+        gmm_ops.grouped_matmul(x, w, jnp.asarray([-16, 80], jnp.int32))
+    with pytest.raises(ValueError, match="group_sizes_G: expected a total <= M=64"):
+        gmm_ops.grouped_matmul(x, w, jnp.asarray([40, 30], jnp.int32))
+
+
 def test_grouped_matmul_op_xla_matches_reference(rng):
     sizes = jnp.asarray([4, 0, 3], jnp.int32)
     lhs = jnp.asarray(rng.normal(size=(7, 8)), jnp.float32)

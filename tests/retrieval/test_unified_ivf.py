@@ -150,6 +150,13 @@ def test_ivf_bad_inputs(rng, system):
     plan = bl.compile_queries(other, ["genre:1"] * B)
     with pytest.raises(ValueError, match="the sorted Bloom index has"):
         UnifiedRetrieval(model, ivf_cfg)(index, inputs, mask, ivf=main, bloom=(other, plan))
+    renamed = bl.ItemFeatures(
+        {f"x_{k}": v for k, v in features.codes.items()}, {f"x_{k}": v for k, v in features.vocab.items()}
+    )
+    other = bl.build_bloom_index(renamed, BLOOM)
+    plan = bl.compile_queries(other, ["x_genre:1"] * B)
+    with pytest.raises(ValueError, match="the sorted Bloom index covers features"):
+        UnifiedRetrieval(model, ivf_cfg)(index, inputs, mask, ivf=main, bloom=(other, plan))
     with pytest.raises(ValueError, match="candidate_fn: expected None"):
         UnifiedRetrieval(model, ivf_cfg, candidate_fn=lambda *a: a)
     merged = fi.merge_fresh(index)
