@@ -127,6 +127,36 @@ def test_ivf_with_bloom_plan_returns_only_allowed_items(rng, system):
     assert not full[:, [61, 62]].all() and full[:, [61, 62]].any()
 
 
+def test_ivf_with_shuffled_row_ids_equals_brute_force(rng, system):
+    """Main rows that are not their ids (a shuffled id map, one empty row): IVF at nprobe = all clusters
+    returns the brute-force candidates, and only allowed items passing the exact filter."""
+    model, _, _, features = system
+    emb = np.asarray(model.tower.item_embeddings())
+    ids = np.full(emb.shape[0], -1, np.int32)
+    ids[1:] = rng.permutation(np.arange(1, emb.shape[0]))
+    ids[rng.integers(1, emb.shape[0])] = -1
+    index = fi.build_index(emb, ids_N=ids, fresh_capacity=F, id_capacity=V, quantize=True)
+    index = fi.add_items(index, np.array([62, 61], np.int32), rng.normal(size=(2, D)).astype(np.float32))
+    main = unified_ivf.build_main_ivf(
+        index, CLUSTERS, block_n=32, bloom_features=features, bloom_config=BLOOM
+    )
+    inputs, mask, allowed = _requests(rng)
+    bloom_index = bl.build_bloom_index(features, BLOOM)
+    queries = ["genre:1 OR genre:3", "genre:0 AND NOT genre:2", "NOT genre:1", ""]
+    kw = dict(
+        allowed=allowed, exclude_BxH=inputs, bloom=(bloom_index, bl.compile_queries(bloom_index, queries))
+    )
+    brute = UnifiedRetrieval(model, UnifiedConfig(k=12, n_final=5, retrieval="int8", ann_impl="xla"))
+    want = brute(index, inputs, mask, **kw)
+    exact = np.stack([bl.exact_filter(features, q) for q in queries]) & allowed
+    for impl in ("xla", "pallas"):
+        cfg = UnifiedConfig(k=12, n_final=5, index="ivf", nprobe=CLUSTERS, ann_impl=impl)
+        got = UnifiedRetrieval(model, cfg)(index, inputs, mask, ivf=main, **kw)
+        _assert_same_results(got, want)
+        cand = np.asarray(got.candidate_ids_BxK)
+        assert all(exact[r, cand[r][cand[r] >= 0]].all() for r in range(B)), impl
+
+
 def test_ivf_bad_inputs(rng, system):
     model, index, main, features = system
     inputs, mask, _ = _requests(rng)
