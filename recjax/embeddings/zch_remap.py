@@ -17,8 +17,10 @@ Methods (``RemapConfig.method``):
   Training inserts-or-finds every ID of ``inputs``/``targets`` (LRU/LFU/TTL eviction when a window is full)
   and returns the rows that got a new owner in ``reset_R``; evaluation (``training=False``) is a read-only
   lookup. An ID without a row (fallback, or unknown at evaluation) becomes row 0: dropped from the input
-  sequence (its ``mask`` entry is cleared), no training target, and at evaluation ``target_known`` is False
-  (count it as a miss).
+  sequence (its ``mask`` entry is cleared and the row is re-left-padded by ``left_pad``, with every other
+  per-position array of the batch, so the last *known* input is in the final (query) position), no training
+  target, and at evaluation ``target_known`` is False (count it as a miss). A row left with no known input
+  has an all-False ``mask``; the Trainer's evaluation counts it as a miss (``remap_hook.make_eval_remap``).
 - ``"modulo"``: the classic baseline ``row = 1 + hash(id) % table_size`` (the same splitmix64 hash); no
   state, never resets, distinct IDs may share a row (a collision) and a new ID inherits the row's
   trained embedding and optimizer moments.
@@ -60,6 +62,7 @@ from recjax.ops import zch as ops
 
 METHODS = ("mpzch", "modulo")
 ID_KEYS = ("inputs", "targets", "target", "exclude")
+NOT_POSITIONAL = ("target", "exclude")  # (B,) and (B, H): never re-padded with the sequence
 TRAIN_KEYS = ("inputs", "targets")  # IDs that are inserted during training
 # Counters returned by ``remap`` (int32, per call): summed over steps by the Trainer.
 COUNTERS = ("ids", "hits", "inserts", "evictions", "fallbacks", "arrivals", "inherited")
@@ -168,8 +171,12 @@ class ItemIdRemapper:
             )
         for k, r in rows.items():
             out[k] = r.astype(jnp.int32)
-        if "inputs" in rows and "mask" in batch:
-            out["mask"] = jnp.asarray(batch["mask"]) & (rows["inputs"] != 0)
+        if "inputs" in rows:
+            keep_BxL = rows["inputs"] != 0
+            if "mask" in batch:
+                keep_BxL = jnp.asarray(batch["mask"]) & keep_BxL
+                out["mask"] = keep_BxL
+            out = left_pad(out, keep_BxL)
         if "target" in rows:
             out["target_known"] = rows["target"] != 0
         return out, state, reset_R, stats
@@ -201,6 +208,22 @@ class ItemIdRemapper:
             return out
         out["table_usage"] = used / jnp.float32(self.cfg.table_size)
         return out
+
+
+def left_pad(batch: dict, keep_BxL) -> dict:
+    """Moves the kept positions of every per-position array (leading shape (B, L): ``inputs``, ``mask``,
+    ``targets``, timestamps, ...; not ``target``/``exclude``) to the right end of each row, in their order,
+    so the last kept item sits in the final position (the query position of SASRec/HSTU). Dropped positions
+    become left padding (their ``mask`` is already False and their ``inputs`` row 0)."""
+    order_BxL = jnp.argsort(keep_BxL, axis=-1, stable=True)  # False (dropped) first, order kept
+    out = dict(batch)
+    for k, v in batch.items():
+        if k in NOT_POSITIONAL or getattr(v, "shape", ())[:2] != keep_BxL.shape:
+            continue
+        v = jnp.asarray(v)
+        idx = order_BxL.reshape(order_BxL.shape + (1,) * (v.ndim - 2))
+        out[k] = jnp.take_along_axis(v, idx, axis=1)
+    return out
 
 
 def _track_owners(owner_Rx2, pairs_rows, reset_R):

@@ -9,8 +9,13 @@ is ``recjax.embeddings.zch_remap.ItemIdRemapper`` (MPZCH or the modulo-hash base
   optimizer state for rows that got a new owner -> the batch is split over ``data`` again -> the trainer's
   unchanged ``make_train_step`` step. The remap counters are summed into per-epoch totals (int32; an epoch
   must see < 2**31 ID occurrences) that live, like the remap state, in the trainer state and its checkpoint.
-- evaluation: ``remap(..., training=False)`` (read-only) on every ID key; a target with no row is a miss
-  (it counts in the denominator, never as a hit) and is reported as ``unknown_target_rate``.
+- evaluation: ``remap(..., training=False)`` (read-only) on every ID key; inputs with no row are dropped
+  and each row re-left-padded by the remapper (the last known input is the query position). A target with
+  no row is a miss (it counts in the denominator, never as a hit) and is reported as
+  ``unknown_target_rate``; a row with no known input left is a miss too (``no_input_rate``).
+
+A remapper must return the batch with dropped inputs removed from ``mask`` and re-left-padded (as
+``ItemIdRemapper.remap`` does with ``zch_remap.left_pad``).
 
 Letters: B batch, D embedding dim, N model rows.
 """
@@ -23,10 +28,9 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
+from recjax.embeddings.zch_remap import ID_KEYS
 from recjax.eval import ranking
 from recjax.sharding import mesh as mesh_lib
-
-ID_KEYS = ("inputs", "targets", "target", "exclude")
 
 
 class IdRemapper(Protocol):
@@ -87,24 +91,25 @@ def make_remapped_train_step(train_step: Callable, remapper: IdRemapper, mesh: j
 
 
 def make_eval_remap(remapper: IdRemapper, mesh: jax.sharding.Mesh) -> Callable:
-    """Jitted ``(remap_state, raw_eval_batch, step) -> eval batch`` with row IDs: ``target`` is row 1 where
-    unknown (any valid row: the batch's ``known`` mask keeps it out of the hits)."""
+    """Jitted ``(remap_state, raw_eval_batch, step) -> eval batch`` with row IDs, re-left-padded by the
+    remapper (the last known input in the query position): ``target`` is row 1 where unknown (any valid
+    row: the batch's ``known`` mask keeps it out of the hits). ``known`` is also False for a row with no
+    known input left (all-False ``mask``: SASRec/HSTU would read a zero query, whose scores all tie at
+    rank 1), so such a row is a miss; ``target_known`` / ``no_input`` (valid rows only) feed the rates."""
     repl, split = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
 
     @jax.jit
     def fn(state, batch, step):
         ids = {k: batch[k] for k in ID_KEYS if k in batch}
-        rows, _, _, _ = remapper.remap(
-            state, {**_constrain(ids, repl), "mask": batch["mask"]}, step, training=False
-        )
-        known = rows["target_known"]
+        rows, _, _, _ = remapper.remap(state, {**batch, **_constrain(ids, repl)}, step, training=False)
+        target_known = rows["target_known"] & batch["valid"]
+        no_input = ~jnp.any(rows["mask"], axis=-1) & batch["valid"]
         out = dict(
-            batch,
-            inputs=rows["inputs"],
-            mask=rows["mask"],
-            exclude=rows["exclude"],
-            target=jnp.where(known, rows["target"], 1),
-            known=known & batch["valid"],
+            rows,
+            target=jnp.where(target_known, rows["target"], 1),
+            known=target_known & ~no_input,
+            target_known=target_known,
+            no_input=no_input,
         )
         return _constrain(out, split)
 
@@ -120,18 +125,21 @@ def evaluate_remapped(
     impl: str,
 ) -> dict[str, float]:
     """``ranking.evaluate`` over remapped batches (``make_eval_remap``): means over every valid row, rows
-    whose target has no model row count as misses; adds ``unknown_target_rate``."""
+    whose target has no model row, or that have no known input left, count as misses; adds
+    ``unknown_target_rate`` and ``no_input_rate``."""
     ks = tuple(sorted(set(int(k) for k in ks)))
     if ks[0] < 1 or ks[-1] > items_NxD.shape[0] - 1:
         raise ValueError(f"ks: expected cutoffs in [1, {items_NxD.shape[0] - 1}] (model rows), got {ks}")
     totals: dict[str, float] = {}
-    count = known = 0.0
+    count = known = no_input = 0.0
     for b in batches:
         sums = ranking.rank_batch(
             query_fn(b), items_NxD, b["target"], b["exclude"], b["known"], ks=ks, impl=impl
         )
         sums = jax.device_get(sums)
-        known += float(sums.pop("count"))
+        sums.pop("count")
+        known += float(jax.device_get(b["target_known"].sum()))
+        no_input += float(jax.device_get(b["no_input"].sum()))
         count += float(jax.device_get(b["valid"].sum()))
         for name, v in sums.items():
             totals[name] = totals.get(name, 0.0) + float(v)
@@ -139,4 +147,5 @@ def evaluate_remapped(
         raise ValueError("batches: no valid evaluation rows")
     out = {name: v / count for name, v in totals.items()}
     out["unknown_target_rate"] = 1.0 - known / count
+    out["no_input_rate"] = no_input / count
     return out

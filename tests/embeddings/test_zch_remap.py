@@ -173,11 +173,20 @@ def test_full_table_without_eviction_drops_inputs_from_the_mask(rng):
     ids = distinct_ids(rng, T + 6)
     seq = np.zeros((B, (T + 6) // B + 1), np.int64)
     seq[:, 1:] = ids.reshape(B, -1)
-    out, _, reset, stats = r.remap(r.init_state(), raw_batch(seq), 0)
+    out, state, reset, stats = r.remap(r.init_state(), raw_batch(seq), 0)
     assert int(stats["fallbacks"]) > 0 and np.asarray(reset).sum() == T
     rows, mask = np.asarray(out["inputs"]), np.asarray(out["mask"])
     np.testing.assert_array_equal(mask, (rows != 0))
     assert (rows == 0).sum() > (seq[:, :-1] == 0).sum()  # some real IDs found no row
+    assert (np.diff(mask.astype(int), axis=1) >= 0).all()  # re-left-padded: the kept inputs at the end
+    # (input, target) pairs move together: each kept input's target is the next raw ID of the sequence.
+    lookup, *_ = r.remap(state, dict(target=ids), 1, training=False)  # each ID's row (0: none)
+    row_of = dict(zip(ids, np.asarray(lookup["target"]), strict=True))
+    tgt = np.asarray(out["targets"])
+    for b in range(B):
+        kept = [(x, t) for x, t, m in zip(rows[b], tgt[b], mask[b], strict=True) if m]
+        want = [(row_of.get(i, 0), row_of.get(j, 0)) for i, j in zip(seq[b, :-1], seq[b, 1:], strict=True)]
+        assert kept == [p for p in want if p[0] != 0]
 
 
 def test_expected_modulo_collision_rate_matches(rng):
@@ -235,3 +244,33 @@ def test_owner_tracking_counts_inherited_rows_for_modulo_only(rng):
         rates = r.rates(totals, state)
         assert float(rates["inherited_rate"]) == pytest.approx(sum(inherited) / 5)
         assert float(rates["table_usage"]) == pytest.approx((1 if method == "modulo" else 2) / T)
+
+
+def test_unknown_inputs_are_dropped_and_rows_re_left_padded(rng):
+    """Evaluation: an input ID without a row is removed from the sequence and the row is re-left-padded
+    (with every per-position array, e.g. timestamps), so the last known item is in the final position;
+    the result equals the same batch with those IDs removed by hand."""
+    r = remapper("mpzch")
+    ids = distinct_ids(rng, 2 * L)
+    seq = np.zeros((B, L + 1), np.int64)
+    seq[:, 3:] = ids[: B * (L - 2)].reshape(B, L - 2)
+    _, state, _, _ = r.remap(r.init_state(), raw_batch(seq), 0)
+    unknown = distinct_ids(rng, 3)
+    inputs = seq[:, 1:].copy()  # (B, L): position 0 padding, then known IDs
+    inputs[0, -1] = unknown[0]  # the last input unknown (the query position)
+    inputs[1, 3] = unknown[1]  # an unknown input in the middle
+    times = rng.integers(1, 10**9, size=(B, L))
+    ev_batch = dict(inputs=inputs, mask=inputs != 0, target=seq[:, -1], exclude=seq[:, :L], times=times)
+    ev, *_ = r.remap(state, ev_batch, 1, training=False)
+    ref_inputs, ref_times = np.zeros_like(inputs), np.zeros_like(times)
+    for b in range(B):
+        keep = np.isin(inputs[b], unknown, invert=True) & (inputs[b] != 0)
+        n = keep.sum()
+        ref_inputs[b, L - n :], ref_times[b, L - n :] = inputs[b, keep], times[b, keep]
+    ref, *_ = r.remap(state, dict(inputs=ref_inputs, mask=ref_inputs != 0), 1, training=False)
+    np.testing.assert_array_equal(np.asarray(ev["inputs"]), np.asarray(ref["inputs"]))
+    np.testing.assert_array_equal(np.asarray(ev["mask"]), np.asarray(ref["mask"]))
+    assert np.asarray(ev["inputs"])[:, -1].all()  # a known item in the query position
+    np.testing.assert_array_equal(np.asarray(ev["times"])[np.asarray(ev["mask"])], ref_times[ref_times != 0])
+    ex, *_ = r.remap(state, dict(exclude=seq[:, :L]), 1, training=False)
+    np.testing.assert_array_equal(np.asarray(ev["exclude"]), np.asarray(ex["exclude"]))  # not re-ordered

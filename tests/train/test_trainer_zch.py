@@ -12,6 +12,7 @@ from recjax.data.splits import leave_one_out
 from recjax.data.types import SequenceDataset
 from recjax.embeddings import zch_remap as zr
 from recjax.models.registry import build_model
+from recjax.sharding import mesh as mesh_lib
 from recjax.train.trainer import LossConfig, TrainConfig, Trainer
 
 TABLE, MAX_LEN = 48, 10  # table rows < the 80 distinct items: collisions (modulo) and evictions (MPZCH)
@@ -58,6 +59,30 @@ def _share_compiled(dst, src):
     return dst
 
 
+def _check_queries(trainer):
+    """Evaluation after the remap: every row that can score a hit has a non-zero query (a zero query ties
+    every item at rank 1), and a sequence ending in an unknown ID gives the query of the same sequence
+    without it (re-left-padded), as SASRec/HSTU read the last position."""
+    params, rest = trainer.state["best_params"], trainer.state["rest"]
+    remap_state, step = trainer.state["best_remap_state"], trainer.state["step"]
+    unknown_id = 2**31 - 1  # _raw_dataset draws raw IDs in [1, 2**31 - 2]
+    for raw in batching.batches(trainer.test_examples, 16, shuffle=False):
+        ev = trainer.eval_remap(remap_state, mesh_lib.shard_batch(raw, trainer.mesh), step)
+        q = np.asarray(trainer.query(params, rest, ev["inputs"], ev["mask"]))
+        known, no_input = np.asarray(ev["known"]), np.asarray(ev["no_input"])
+        assert (np.linalg.norm(q, axis=1)[known] > 1e-3).all()
+        assert not (known & no_input).any()
+        short = ~raw["mask"][:, 0] & raw["valid"]  # room to append one more input
+        longer = dict(raw, inputs=raw["inputs"].copy(), mask=raw["mask"].copy())
+        longer["inputs"][short] = np.concatenate(
+            [raw["inputs"][short, 1:], np.full((short.sum(), 1), unknown_id, raw["inputs"].dtype)], axis=1
+        )
+        longer["mask"][short] = np.concatenate([raw["mask"][short, 1:], np.ones((short.sum(), 1), bool)], 1)
+        ev2 = trainer.eval_remap(remap_state, mesh_lib.shard_batch(longer, trainer.mesh), step)
+        q2 = np.asarray(trainer.query(params, rest, ev2["inputs"], ev2["mask"]))
+        np.testing.assert_allclose(q2[short], q[short], atol=1e-5)
+
+
 def test_resume_after_crash_is_exact(tmp_path):
     split = leave_one_out(_raw_dataset(0))
     full = _trainer(tmp_path / "full", split)  # 2 devices: data parallel, remap on the gathered batch
@@ -68,6 +93,9 @@ def test_resume_after_crash_is_exact(tmp_path):
     assert 0 < last["eviction_rate"] <= last["insert_rate"]  # inserts include evicting ones
     assert last["hit_rate"] + last["insert_rate"] + last["fallback_rate"] <= 1.0
     assert 0 <= res_full["test"]["unknown_target_rate"] < 1
+    _check_queries(full)
+    t = res_full["test"]  # MRR <= HR@10 + (misses at rank > 10 contribute at most 1/11 each)
+    assert t["mrr"] <= t["hr@10"] + (1 - t["hr@10"]) / 11 + 1e-6, t
 
     class Crash(Exception):
         pass
