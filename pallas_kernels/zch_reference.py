@@ -12,16 +12,19 @@ Probing (``probing=``), inside the bucket of ``bucket_size`` slots:
   splitmix64 round of ``h`` (one window when the bucket holds a single sub-block). At most ``2 L`` slots are
   probed, about ``max_probe``. With ``max_probe == bucket_size`` the two windows cover the whole bucket.
 
-Semantics of ``insert_or_find``, per distinct ID of a batch; the result equals inserting the batch's distinct
-IDs one at a time in some order:
+Semantics of ``insert_or_find``, per distinct ID of a batch (linear probing: the result equals inserting the
+batch's distinct IDs one at a time in some order; two_choice: see the window preference below):
   1. the ID is stored anywhere in its window(s) -> that slot (HIT);
   2. else it takes the first EMPTY slot of its *probe sequence* (INSERTED): linear: the window in order;
      two_choice: its preferred window (the one with more EMPTY slots, ties -> window a), then the other one;
   3. else -> slot -1 (FULL), table unchanged for it: FULL means every slot of every window of the ID is live.
 The preference is decided on the table as it was when the ID's windows were scanned, i.e. at the start of the
 call in this reference (the batch's own insertions do not move it: the staleness of a parallel GPU launch,
-and it keeps the reference vectorized). Repeated IDs get one slot (the first occurrence reports INSERTED);
-distinct IDs get distinct slots; nothing live is overwritten. Eviction leaves holes, so step 1 scans every
+and it keeps the reference vectorized). So a two_choice result need NOT equal any one-at-a-time order: two
+IDs with the same two windows both prefer the emptier one at the start of the call and may both land
+there, where sequential insertion would have sent the second to the other window. What holds: each ID gets
+one slot (repeated IDs one slot; the first occurrence reports INSERTED); distinct IDs get distinct slots;
+nothing live is overwritten; FULL only when every slot of both windows is live. Eviction leaves holes, so step 1 scans every
 window completely before step 2 claims.
 
 Vectorization (the rounds are one valid serialization): dedupe by a sort; one read-only scan of the windows
