@@ -58,6 +58,7 @@ import numpy as np
 
 from recjax import validation
 from recjax.embeddings import zch as ez
+from recjax.embeddings import zch_eviction as zev
 from recjax.ops import zch as ops
 
 METHODS = ("mpzch", "modulo")
@@ -84,6 +85,31 @@ class RemapConfig:
         validation.check_positive("RemapConfig.table_size", self.table_size)
         if self.method not in METHODS:
             raise ValueError(f"RemapConfig.method: expected one of {METHODS}, got {self.method!r}")
+        if self.probing not in ops.PROBINGS:
+            raise ValueError(f"RemapConfig.probing: expected one of {ops.PROBINGS}, got {self.probing!r}")
+        if self.eviction not in zev.KINDS:
+            raise ValueError(f"RemapConfig.eviction: expected one of {zev.KINDS}, got {self.eviction!r}")
+        for name in ("max_probe", "num_buckets", "ttl"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise TypeError(f"RemapConfig.{name}: expected an int, got {type(v).__name__} {v!r}")
+        if self.ttl < 0 or (self.eviction == "ttl" and self.ttl <= 0):
+            need = "> 0 with eviction='ttl'" if self.eviction == "ttl" else ">= 0"
+            raise ValueError(f"RemapConfig.ttl: expected {need}, got {self.ttl}")
+        validation.check_positive("RemapConfig.max_probe", self.max_probe)
+        validation.check_positive("RemapConfig.num_buckets", self.num_buckets)
+        if self.method == "mpzch":  # the probe windows live inside one bucket: no silent clamping
+            if self.table_size % self.num_buckets:
+                raise ValueError(
+                    f"RemapConfig.num_buckets: expected a divisor of table_size {self.table_size}, "
+                    f"got {self.num_buckets}"
+                )
+            bucket = self.table_size // self.num_buckets
+            if self.max_probe > bucket:
+                raise ValueError(
+                    "RemapConfig.max_probe: expected <= the bucket size (table_size / num_buckets) = "
+                    f"{bucket}, got {self.max_probe}"
+                )
 
 
 def _pairs_and_valid(x, name: str):
@@ -121,7 +147,7 @@ class ItemIdRemapper:
                 embedding_dim=embedding_dim,
                 feature_names=ID_KEYS,
                 num_buckets=cfg.num_buckets,
-                max_probe=min(cfg.max_probe, cfg.table_size // cfg.num_buckets),
+                max_probe=cfg.max_probe,
                 eviction=policy,
                 probing=cfg.probing,
             )

@@ -210,6 +210,32 @@ def test_bad_inputs():
         zr.RemapConfig(8, method="cuckoo")
     with pytest.raises(ValueError, match="table_size"):
         zr.RemapConfig(0)
+
+
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        (dict(method="modulo", probing="bogus"), ValueError, r"RemapConfig\.probing: expected one of"),
+        (dict(method="modulo", eviction="bogus"), ValueError, r"RemapConfig\.eviction: expected one of"),
+        (dict(eviction="lfu", ttl=-1), ValueError, r"RemapConfig\.ttl: expected >= 0, got -1"),
+        (dict(eviction="ttl"), ValueError, r"RemapConfig\.ttl: expected > 0 with eviction='ttl', got 0"),
+        (dict(max_probe=0), ValueError, r"RemapConfig\.max_probe: expected > 0, got 0"),
+        (dict(max_probe=2.5), TypeError, r"RemapConfig\.max_probe: expected an int, got float"),
+        (dict(max_probe=T + 1), ValueError, rf"RemapConfig\.max_probe: expected <= .* = {T}, got {T + 1}"),
+        (dict(num_buckets=4, max_probe=T // 2), ValueError, r"RemapConfig\.max_probe: .* = 8, got 16"),
+        (dict(num_buckets=5, max_probe=4), ValueError, r"RemapConfig\.num_buckets: expected a divisor"),
+        (dict(num_buckets=0), ValueError, r"RemapConfig\.num_buckets: expected > 0"),
+    ],
+)
+def test_bad_config(kw, error, match):
+    with pytest.raises(error, match=match):
+        zr.RemapConfig(T, **kw)
+
+
+def test_config_accepts_the_bucket_size_as_max_probe():
+    cfg = zr.RemapConfig(T, num_buckets=4, max_probe=T // 4)
+    assert zr.ItemIdRemapper(cfg).coll is not None
+    zr.RemapConfig(T, method="modulo", max_probe=4 * T)  # modulo ignores the probe window
     with pytest.raises(ValueError, match="no 2-D parameter"):
         zr.reset_item_rows({"w": jnp.ones((3, 2))}, (), jnp.zeros((3,), bool), jax.random.key(0))
     with pytest.raises(ValueError, match="reset_R: expected 5 rows"):

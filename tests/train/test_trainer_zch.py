@@ -119,7 +119,7 @@ def test_resume_after_crash_is_exact(tmp_path):
 
 def test_bad_inputs(tmp_path):
     split = leave_one_out(_raw_dataset(2))
-    remapper = zr.ItemIdRemapper(zr.RemapConfig(TABLE, impl="xla"))
+    remapper = zr.ItemIdRemapper(zr.RemapConfig(TABLE, max_probe=16, impl="xla"))
     net = build_model("sasrec", TABLE + 5, max_len=MAX_LEN, rngs=nnx.Rngs(0), embed_dim=8, num_blocks=1)
     with pytest.raises(ValueError, match=f"id_remapper: the model has {TABLE + 6} item rows"):
         Trainer(
