@@ -44,6 +44,7 @@ STATUS_HIT, STATUS_INSERTED, STATUS_FULL, STATUS_PAD = (
     kz.STATUS_PAD,
 )
 EMPTY_PAIR = np.uint32(0xFFFFFFFF)
+_EMPTY_U64 = np.uint64(2**64 - 1)  # the empty marker (-1 as int64): both uint32 halves EMPTY_PAIR
 split_ids, join_ids, empty_identity = kz.split_ids, kz.join_ids, kz.empty_identity
 
 
@@ -53,7 +54,8 @@ def resolve_impl(impl: str) -> str:
 
 def as_id_pairs(ids, name: str = "ids") -> jax.Array:
     """Raw IDs -> uint32 pairs (..., 2). Accepts numpy int64/int32/uint (host), a JAX signed int32 array
-    (values must be >= 0), or uint32 pairs (..., 2) (returned as is). Negative IDs are rejected."""
+    (values must be >= 0), or uint32 pairs (..., 2) (returned as is). Negative IDs and the uint64 ID
+    2**64 - 1 (the empty marker) are rejected."""
     if isinstance(ids, np.ndarray) or np.isscalar(ids) or isinstance(ids, (list, tuple)):
         arr = np.asarray(ids)
         validation.check_dtype(name, arr, "iu")
@@ -61,6 +63,12 @@ def as_id_pairs(ids, name: str = "ids") -> jax.Array:
             bad = tuple(np.argwhere(arr < 0)[0])
             raise ValueError(
                 f"{name}: expected raw IDs >= 0 (-1 is the empty marker), got {arr[bad]} at {bad}"
+            )
+        if arr.dtype.itemsize == 8 and arr.dtype.kind == "u" and arr.size and (arr == _EMPTY_U64).any():
+            bad = tuple(int(i) for i in np.argwhere(arr == _EMPTY_U64)[0])
+            raise ValueError(
+                f"{name}: expected raw IDs < 2**64 - 1 (2**64 - 1 is the empty marker, it would become "
+                f"padding), got {arr[bad]} at {bad}"
             )
         return jnp.asarray(kz.split_ids(arr))
     if ids.dtype == jnp.uint32 and ids.ndim >= 1 and ids.shape[-1] == 2:
