@@ -263,6 +263,15 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------------------
     def evaluate(self, which: str, params=None, remap_state=None) -> dict[str, float]:
+        """Metrics on ``which`` ("valid" | "test"). Defaults: the current (valid) or best (test) parameters
+        and, with an ``id_remapper``, the remap state saved with them. With an ``id_remapper`` pass
+        ``params`` and ``remap_state`` together (the state that trained those parameters) or neither."""
+        if self.id_remapper is not None and (params is None) != (remap_state is None):
+            raise ValueError(
+                "params / remap_state: with an id_remapper pass both (the remap state that trained these "
+                f"params) or neither, got params={'None' if params is None else 'given'}, "
+                f"remap_state={'None' if remap_state is None else 'given'}"
+            )
         params = self.state["best_params" if which == "test" else "params"] if params is None else params
         examples = self.valid_examples if which == "valid" else self.test_examples
         batches = (
@@ -359,7 +368,7 @@ class Trainer:
             if self.id_remapper is not None:
                 writer.write(s["step"], {**self.remap_rates(), "epoch": epoch + 1}, prefix="remap/")
             if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.num_epochs:
-                valid = self.evaluate("valid", s["params"])
+                valid = self.evaluate("valid", s["params"], s.get("remap_state"))
                 writer.write(s["step"], {**valid, "epoch": epoch + 1}, prefix="valid/")
                 score = valid[cfg.early_stop_metric]
                 if score > s["best_metric"]:

@@ -130,3 +130,8 @@ def test_bad_inputs(tmp_path):
             max_len=MAX_LEN,
             id_remapper=remapper,
         )
+    trainer = _trainer(tmp_path / "ok", split, devices=1)
+    with pytest.raises(ValueError, match="params / remap_state: with an id_remapper pass both"):
+        trainer.evaluate("test", params=trainer.state["params"])
+    with pytest.raises(ValueError, match="params / remap_state: .* got params=None, remap_state=given"):
+        trainer.evaluate("valid", remap_state=trainer.state["remap_state"])
