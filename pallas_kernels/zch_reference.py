@@ -24,13 +24,14 @@ and it keeps the reference vectorized). So a two_choice result need NOT equal an
 IDs with the same two windows both prefer the emptier one at the start of the call and may both land
 there, where sequential insertion would have sent the second to the other window. What holds: each ID gets
 one slot (repeated IDs one slot; the first occurrence reports INSERTED); distinct IDs get distinct slots;
-nothing live is overwritten; FULL only when every slot of both windows is live. Eviction leaves holes, so step 1 scans every
-window completely before step 2 claims.
+nothing live is overwritten; FULL only when every slot of both windows is live. Eviction leaves holes, so
+step 1 scans every window completely before step 2 claims.
 
-Vectorization (the rounds are one valid serialization): dedupe by a sort; one read-only scan of the windows
-(found slot, EMPTY count and first EMPTY per window); then rounds over probe positions: every pending ID looks
-at its current probe slot, the ones seeing EMPTY propose it, the smallest ID per proposed slot wins (a sort),
-everyone else advances (from the end of the preferred window it jumps to the other window's first EMPTY).
+Vectorization (the rounds serialize the claims, with the preferences fixed at the call start): dedupe by a
+sort; one read-only scan of the windows (found slot, EMPTY count and first EMPTY per window); then rounds over
+probe positions: every pending ID looks at its current probe slot, the ones seeing EMPTY propose it, the
+smallest ID per proposed slot wins (a sort), everyone else advances (from the end of the preferred window it
+jumps to the other window's first EMPTY).
 
 ID representation: int64 here (callers enable x64 locally); ``EMPTY`` = -1; raw IDs are >= 0.
 Letters: N IDs in the batch, S table slots, K windows per ID (1 or 2), L slots per window.
