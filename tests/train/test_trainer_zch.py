@@ -81,6 +81,11 @@ def _check_queries(trainer):
         ev2 = trainer.eval_remap(remap_state, mesh_lib.shard_batch(longer, trainer.mesh), step)
         q2 = np.asarray(trainer.query(params, rest, ev2["inputs"], ev2["mask"]))
         np.testing.assert_allclose(q2[short], q[short], atol=1e-5)
+    # A row with no known input left (all-False mask) can never score a hit: it is a miss.
+    gone = dict(raw, inputs=np.where(raw["mask"], unknown_id, 0).astype(raw["inputs"].dtype))
+    ev3 = trainer.eval_remap(remap_state, mesh_lib.shard_batch(gone, trainer.mesh), step)
+    np.testing.assert_array_equal(np.asarray(ev3["no_input"]), raw["valid"])
+    assert not np.asarray(ev3["known"]).any() and not np.asarray(ev3["mask"]).any()
 
 
 def test_resume_after_crash_is_exact(tmp_path):
