@@ -215,7 +215,16 @@ def train_and_eval(
     trainer = make_trainer(split, table_size, method, cfg, workdir, time_ordered=time_ordered)
     trainer.test_examples = eval_rows  # churn: the most recent users only
     res = trainer.fit()
-    last = res["remap_last_epoch"]
+    test = res["test"]
+    return _id_metrics(split, table_size, method, res["remap_last_epoch"], test["unknown_target_rate"]) | {
+        "hr@10": test["hr@10"],
+        "ndcg@10": test["ndcg@10"],
+        "steps": res["steps"],
+    }
+
+
+def _id_metrics(split, table_size: int, method: str, last: dict, unknown: float) -> dict:
+    """Collision (modulo: distinct IDs sharing a row; MPZCH: fallbacks), eviction, inherited, unknown."""
     if method == "modulo":
         coll = zr.modulo_collision_rate(np.concatenate(split.dataset.sequences), table_size)
     else:
@@ -224,10 +233,7 @@ def train_and_eval(
         "coll": coll,
         "evict": last["eviction_rate"],
         "inherit": last["inherited_rate"],
-        "unknown": res["test"]["unknown_target_rate"],
-        "hr@10": res["test"]["hr@10"],
-        "ndcg@10": res["test"]["ndcg@10"],
-        "steps": res["steps"],
+        "unknown": unknown,
     }
 
 
@@ -253,15 +259,8 @@ def remap_only(split, table_size: int, method: str, cfg: RunConfig, *, time_orde
             step += 1
     last = {k: float(v) for k, v in jax.device_get(remapper.rates(totals, state)).items()}
     ev, _, _, _ = remapper.remap(state, {"target": eval_rows["target"]}, step, training=False)
-    if method == "modulo":
-        coll = zr.modulo_collision_rate(np.concatenate(split.dataset.sequences), table_size)
-    else:
-        coll = last["fallback_rate"]
-    return {
-        "coll": coll,
-        "evict": last["eviction_rate"],
-        "inherit": last["inherited_rate"],
-        "unknown": float(1.0 - np.asarray(ev["target_known"]).mean()),
+    unknown = float(1.0 - np.asarray(ev["target_known"]).mean())
+    return _id_metrics(split, table_size, method, last, unknown) | {
         "hr@10": float("nan"),
         "ndcg@10": float("nan"),
         "steps": step,

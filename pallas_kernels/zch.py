@@ -202,6 +202,18 @@ def default_block(probing: str, block: int | None) -> int:
     return DEFAULT_BLOCK[probing] if block is None else block
 
 
+def _bind(kernel, table_S, num_buckets, max_probe, probing, width):
+    """The kernel body with its static geometry (shared by lookup and insert-or-find)."""
+    return functools.partial(
+        kernel,
+        bucket_size=table_S.shape[0] // num_buckets,
+        num_buckets=num_buckets,
+        max_probe=max_probe,
+        probing=probing,
+        width=width,
+    )
+
+
 def lookup_i64(
     table_S,
     ids_N,
@@ -219,14 +231,7 @@ def lookup_i64(
     block = default_block(probing, block)
     n = ids_N.shape[0]
     ids_pad, n_pad = _pad(ids_N, block)
-    kernel = functools.partial(
-        _lookup_kernel,
-        bucket_size=table_S.shape[0] // num_buckets,
-        num_buckets=num_buckets,
-        max_probe=max_probe,
-        probing=probing,
-        width=width,
-    )
+    kernel = _bind(_lookup_kernel, table_S, num_buckets, max_probe, probing, width)
     slot = pl.pallas_call(
         kernel,
         grid=(n_pad // block,),
@@ -243,14 +248,7 @@ def lookup_i64(
 def _insert_call(table_S, ids_N, *, num_buckets, max_probe, probing, block, width, num_warps, interpret):
     n = ids_N.shape[0]
     ids_pad, n_pad = _pad(ids_N, block)
-    kernel = functools.partial(
-        _insert_kernel,
-        bucket_size=table_S.shape[0] // num_buckets,
-        num_buckets=num_buckets,
-        max_probe=max_probe,
-        probing=probing,
-        width=width,
-    )
+    kernel = _bind(_insert_kernel, table_S, num_buckets, max_probe, probing, width)
     table, slot, status = pl.pallas_call(
         kernel,
         grid=(n_pad // block,),

@@ -141,41 +141,21 @@ def test_ivf_matches_reference_restricted_to_probed_clusters(rng):
     words = (
         np.packbits(bits.reshape(b, nprobe, v, 32)[..., ::-1], axis=-1).view(">u4")[..., 0].astype(np.uint32)
     )
-    for use_mask in (False, True):
-        vals, ids = int8_ann.int8_ivf_topk(
-            q,
-            qs,
-            probes,
-            items_sorted,
-            s_sorted,
-            ids_sorted,
-            tile_start.astype(np.int32),
-            tiles.astype(np.int32),
-            jnp.asarray(words) if use_mask else None,
-            k=k,
-            block_q=16,
-            block_n=block_n,
-            interpret=True,
+
+    def search(mask, k):
+        layout = (items_sorted, s_sorted, ids_sorted, tile_start.astype(np.int32), tiles.astype(np.int32))
+        return int8_ann.int8_ivf_topk(
+            q, qs, probes, *layout, mask, k=k, block_q=16, block_n=block_n, interpret=True
         )
+
+    for use_mask in (False, True):
+        vals, ids = search(jnp.asarray(words) if use_mask else None, k)
         allowed = np.stack([np.isin(cluster_N, probes[r]) for r in range(b)])
         if use_mask:
             allowed &= keep_BxN
         _check(vals, ids, q, qs, items, s, allowed, k, exact=True)
     # k above the candidates of 2 probes (2 x 32 columns x 2 slots = 128): padded with -inf / -1
-    vals, ids = int8_ann.int8_ivf_topk(
-        q,
-        qs,
-        probes,
-        items_sorted,
-        s_sorted,
-        ids_sorted,
-        tile_start.astype(np.int32),
-        tiles.astype(np.int32),
-        k=150,
-        block_q=16,
-        block_n=block_n,
-        interpret=True,
-    )
+    vals, ids = search(None, 150)
     allowed = np.stack([np.isin(cluster_N, probes[r]) for r in range(b)])
     _check(vals, ids, q, qs, items, s, allowed, 150, exact=True)
 
