@@ -136,11 +136,11 @@ def evaluate_remapped(
         sums = ranking.rank_batch(
             query_fn(b), items_NxD, b["target"], b["exclude"], b["known"], ks=ks, impl=impl
         )
-        sums = jax.device_get(sums)
+        sums, k_, n_, c_ = jax.device_get(  # one transfer per batch
+            (sums, b["target_known"].sum(), b["no_input"].sum(), b["valid"].sum())
+        )
         sums.pop("count")
-        known += float(jax.device_get(b["target_known"].sum()))
-        no_input += float(jax.device_get(b["no_input"].sum()))
-        count += float(jax.device_get(b["valid"].sum()))
+        known, no_input, count = known + float(k_), no_input + float(n_), count + float(c_)
         for name, v in sums.items():
             totals[name] = totals.get(name, 0.0) + float(v)
     if count == 0:
