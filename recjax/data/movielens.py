@@ -23,7 +23,6 @@ the SASRec file exactly from a ratings.dat rebuilt from it (tests/data).
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import pathlib
@@ -34,6 +33,7 @@ import numpy as np
 
 from recjax.data.paths import data_dir as resolve_data_dir
 from recjax.data.paths import require_file
+from recjax.data.textio import read_text
 from recjax.data.types import SequenceDataset
 
 GENRES = (
@@ -205,7 +205,7 @@ def _user_feature_arrays(path, by_user, original_ids) -> dict[str, np.ndarray]:
 
 def _read_text(path: pathlib.Path) -> str:
     # MovieLens metadata is ISO-8859-1 (accented titles); ids and ratings are ASCII either way.
-    return path.read_text(encoding="latin-1")
+    return read_text(path, encoding="latin-1")
 
 
 def _read_id_map(path: pathlib.Path) -> np.ndarray:
@@ -240,8 +240,7 @@ def load_ml1m_sequential(data_dir: str | os.PathLike | None = None) -> SequenceD
             return load_ml1m_ratings(base / official.removesuffix("/ratings.dat"), name="ml-1m")
         raise
     path = root / "ml-1m.sasrec.txt.gz"
-    with gzip.open(path, "rt", encoding="ascii", errors="replace") as f:
-        text = f.read()
+    text = read_text(path, encoding="ascii", errors="replace")
     table = _int_table(str(path), text, " ", 2)
     _check_min(str(path), text, table.min(axis=1), 1, "user and item ids")
     users, items = table[:, 0], table[:, 1]

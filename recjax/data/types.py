@@ -31,6 +31,9 @@ class SequenceDataset:
       user_features: name -> (num_users, F) int32.
       timestamps: optional, one int64 array per user aligned with ``sequences``.
       ratings: optional, one float32 array per user aligned with ``sequences``.
+      raw_item_ids: optional, the source's id of each item: ``raw_item_ids[i]`` for item i (entry 0 = ""
+        for padding), so length num_items + 1. Set by loaders that renumber arbitrary ids (interactions.py).
+      raw_user_ids: optional, the source's id of each user, aligned with ``sequences``.
     """
 
     name: str
@@ -40,6 +43,8 @@ class SequenceDataset:
     user_features: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     timestamps: tuple[np.ndarray, ...] | None = None
     ratings: tuple[np.ndarray, ...] | None = None
+    raw_item_ids: tuple[str, ...] | None = None
+    raw_user_ids: tuple[str, ...] | None = None
 
     @property
     def num_users(self) -> int:

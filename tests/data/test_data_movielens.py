@@ -152,3 +152,12 @@ def test_missing_data_message(tmp_path, monkeypatch):
     (tmp_path / "ratings.dat").write_text("1::2::3::4\n")
     with pytest.raises(ValueError, match="no ratings left after min_count=5 filtering"):
         movielens.load_ml1m_ratings(tmp_path)
+
+
+def test_truncated_sasrec_gzip_names_the_file(tmp_path):
+    root = tmp_path / "ml-1m"
+    root.mkdir()
+    whole = gzip.compress(b"".join(b"%d %d\n" % (u, i) for u in range(1, 200) for i in range(1, 20)))
+    (root / "ml-1m.sasrec.txt.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"ml-1m.sasrec.txt.gz: truncated or corrupt gzip file"):
+        movielens.load_ml1m_sequential(tmp_path)
