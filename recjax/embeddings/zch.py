@@ -386,22 +386,3 @@ def zch_metrics(stats: Mapping[str, jax.Array], num_slots: int) -> dict[str, flo
     ev_n = s.get("evictions", 0.0)
     out["avg_eviction_age"] = s.get("eviction_age_sum", 0.0) / ev_n if ev_n else 0.0
     return out
-
-
-def save_zch_state(directory, step: int, state: dict) -> None:
-    """Identity + metadata through the project's Orbax checkpointer (recjax.train.checkpoint)."""
-    from recjax.train.checkpoint import Checkpointer
-
-    ckpt = Checkpointer(directory)
-    ckpt.save(step, state, force=True)
-    ckpt.close()
-
-
-def restore_zch_state(directory, target: dict, step: int | None = None) -> dict:
-    from recjax.train.checkpoint import Checkpointer
-
-    ckpt = Checkpointer(directory)
-    try:
-        return ckpt.restore(target, step)
-    finally:
-        ckpt.close()

@@ -9,6 +9,7 @@ import pytest
 
 from recjax.embeddings import zch as ez
 from recjax.ops import zch as ops
+from recjax.train.checkpoint import Checkpointer
 
 
 def table(
@@ -239,8 +240,10 @@ def test_reset_rows_fresh_init_and_zero_optimizer_state(rng):
 def test_checkpoint_round_trip(tmp_path, rng):
     coll = ez.ZchEmbeddingCollection([shared_table()], impl="xla")
     _, state, _, _ = coll.remap(coll.init_state(), {"short": rng.choice(2**40, 20, replace=False)}, 3)
-    ez.save_zch_state(tmp_path / "zch", 3, state)
-    back = ez.restore_zch_state(tmp_path / "zch", coll.init_state())
+    ckpt = Checkpointer(tmp_path / "zch")
+    ckpt.save(3, state, force=True)
+    back = ckpt.restore(coll.init_state())
+    ckpt.close()
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(back), strict=True):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
 
