@@ -10,12 +10,13 @@ scores everything alike (e.g. a zero query) therefore gets the worst rank, never
 
 NaN is the worst score: a NaN item never counts against a target (finite or +-inf), and a NaN target ranks
 below every candidate, tying with the other NaN ones, so its rank is the number of non-excluded candidates.
-A diverging model thus scores 0, not 1; NaN queries are ranked, not rejected.
+A diverging model thus gets the worst rank (MRR 1 / #candidates), not rank 1; NaN queries are ranked, not
+rejected.
 
-No top-K list is built and :mod:`recjax.ops.topk` is not used: the exact rank needs every score anyway
-(one (B, N) float32 matrix plus a (B, N) bool exclusion mask; nothing larger), and a fused ANN kernel's
-approximate scores would change the ranks. ``impl`` only picks how that score matmul runs
-(:func:`score_matrix`).
+No top-K list is built (only ``exclusion_mask`` comes from :mod:`recjax.ops.topk`): the exact rank needs
+every score anyway (one (B, N) float32 matrix plus a (B, N) bool exclusion mask; nothing larger), and a
+fused ANN kernel's approximate scores would change the ranks. ``impl`` only picks how that score matmul
+runs (:func:`score_matrix`).
 
 Rows: ``valid`` False rows do not count at all; ``valid & ~scoreable`` rows count in the denominator as
 misses (every metric 0), e.g. a target with no model row under ID remapping.
