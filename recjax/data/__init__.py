@@ -1,5 +1,7 @@
 """Datasets, splits and batches for sequential recommendation (see docs/DATA.md).
 
+Datasets by name (built-ins, an interaction file, your own): ``recjax.data.registry.load`` / ``register``.
+
 ``recjax.data.pipeline`` (grain) is not imported here: the GPU image has no grain.
 """
 
@@ -13,6 +15,7 @@ from recjax.data.batching import (
     num_batches,
 )
 from recjax.data.download import PUBLISHED_MD5, ChecksumError, download
+from recjax.data.interactions import load_interactions
 from recjax.data.movielens import (
     FEATURE_SIZES,
     GENRES,
@@ -42,6 +45,7 @@ __all__ = [
     "download",
     "epoch_permutation",
     "leave_one_out",
+    "load_interactions",
     "load_ml100k",
     "load_ml1m_ratings",
     "load_ml1m_sequential",
