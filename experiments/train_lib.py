@@ -14,27 +14,15 @@ import ml_collections
 
 
 def load_dataset(data: ml_collections.ConfigDict):
-    """The dataset named by ``data.name``; "auto" means MovieLens-1M if RECJAX_DATA_DIR holds it."""
-    from recjax.data import movielens, paths, synthetic
+    """The dataset named by ``data.name`` through ``recjax.data.registry`` (built-ins, "file", your own)."""
+    from recjax.data import registry
 
-    name = data.name
-    if name == "auto":
-        try:
-            paths.data_dir(required="ml-1m")
-            name = "ml-1m"
-        except FileNotFoundError:
-            name = "synthetic"
-    if name == "synthetic":
-        return synthetic.make_synthetic(**data.synthetic.to_dict())
-    if name == "ml-1m":
-        return movielens.load_ml1m_sequential()
-    if name == "ml-100k":
-        return movielens.load_ml100k()
-    raise ValueError(f"data.name: expected 'auto', 'synthetic', 'ml-1m' or 'ml-100k', got {name!r}")
+    return registry.load(data)
 
 
 def train_config(train: ml_collections.ConfigDict):
-    from recjax.train.trainer import LossConfig, TrainConfig
+    from recjax.train.tasks import LossConfig
+    from recjax.train.trainer import TrainConfig
 
     fields = train.to_dict()
     loss = LossConfig(**fields.pop("loss"))
@@ -61,6 +49,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     from recjax.data.splits import leave_one_out
     from recjax.eval import ranking
     from recjax.models.registry import build_model
+    from recjax.train.tasks import NextItemTask
     from recjax.train.trainer import Trainer
 
     tcfg = train_config(config.train)
@@ -74,18 +63,14 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
         rngs=nnx.Rngs(params=tcfg.seed, dropout=tcfg.seed + 1),
         **model_cfg,
     )
-    trainer = Trainer(
-        model,
-        split,
-        tcfg,
-        workdir,
-        max_len=config.data.max_len,
-        batch_iter=batch_iterator(config.data.pipeline),
+    task = NextItemTask.from_config(
+        split, tcfg, max_len=config.data.max_len, batch_iter=batch_iterator(config.data.pipeline)
     )
+    trainer = Trainer(model, task, tcfg, workdir)
     results = trainer.fit()
     from recjax.data import batching
 
-    test_batches = batching.batches(trainer.test_examples, tcfg.eval_batch_size)
+    test_batches = batching.batches(task.examples["test"], tcfg.eval_batch_size)
     results["popularity_test"] = ranking.evaluate_popularity(
         split.train, dataset.num_items, test_batches, ks=tcfg.ks
     )

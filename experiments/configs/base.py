@@ -6,15 +6,27 @@ Any field can be overridden on the command line: ``--config.train.num_epochs=3``
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def data_config(name: str = "synthetic", max_len: int = 200) -> ml_collections.ConfigDict:
+    # name: a recjax.data.registry name: "synthetic" | "ml-1m" | "ml-100k" | "file" | "auto" (ml-1m when
+    # RECJAX_DATA_DIR has it, else synthetic) | one you registered. path/format/file: only for "file".
     return ml_collections.ConfigDict(
         {
-            "name": name,  # "synthetic" | "ml-1m" | "ml-100k" | "auto" (ml-1m when RECJAX_DATA_DIR has it)
+            "name": name,
             "max_len": max_len,
             "pipeline": "grain",  # "grain" | "numpy" (same batches; numpy where grain is not installed)
             "synthetic": {"num_users": 2000, "num_items": 1000, "seed": 0},
+            "path": "",  # interaction file (gzip read transparently)
+            "format": "csv",  # "csv" | "tsv" | "pairs" | "sequences" (docs/DATA.md, "Your own data")
+            "file": {
+                # csv/tsv header names; timestamp "" = none (file order)
+                "columns": {"user": "user", "item": "item", "timestamp": "timestamp", "rating": "rating"},
+                "min_rating": config_dict.placeholder(float),  # None = keep all ratings
+                "user_core": 0,  # k-core: drop users / items with fewer interactions, repeatedly
+                "item_core": 0,
+            },
         }
     )
 
@@ -70,7 +82,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         "eval_batch_size": 256,
         "ks": (10, 50, 200),
         "num_devices": 0,
-        "topk_impl": "auto",
+        "eval_impl": "auto",
         "progress": True,
         "loss": {
             "name": "sampled_softmax",
