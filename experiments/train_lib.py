@@ -21,8 +21,7 @@ def load_dataset(data: ml_collections.ConfigDict):
 
 
 def train_config(train: ml_collections.ConfigDict):
-    from recjax.train.tasks import LossConfig
-    from recjax.train.trainer import TrainConfig
+    from recjax.train.trainer import LossConfig, TrainConfig
 
     fields = train.to_dict()
     loss = LossConfig(**fields.pop("loss"))
@@ -49,7 +48,6 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     from recjax.data.splits import leave_one_out
     from recjax.eval import ranking
     from recjax.models.registry import build_model
-    from recjax.train.tasks import NextItemTask
     from recjax.train.trainer import Trainer
 
     tcfg = train_config(config.train)
@@ -63,14 +61,18 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
         rngs=nnx.Rngs(params=tcfg.seed, dropout=tcfg.seed + 1),
         **model_cfg,
     )
-    task = NextItemTask.from_config(
-        split, tcfg, max_len=config.data.max_len, batch_iter=batch_iterator(config.data.pipeline)
+    trainer = Trainer(
+        model,
+        split,
+        tcfg,
+        workdir,
+        max_len=config.data.max_len,
+        batch_iter=batch_iterator(config.data.pipeline),
     )
-    trainer = Trainer(model, task, tcfg, workdir)
     results = trainer.fit()
     from recjax.data import batching
 
-    test_batches = batching.batches(task.examples["test"], tcfg.eval_batch_size)
+    test_batches = batching.batches(trainer.test_examples, tcfg.eval_batch_size)
     results["popularity_test"] = ranking.evaluate_popularity(
         split.train, dataset.num_items, test_batches, ks=tcfg.ks
     )
