@@ -8,7 +8,8 @@ Crash safety (SIGKILL at any moment leaves the newest committed checkpoint reada
 * Orbax writes each checkpoint into ``<index>.orbax-checkpoint-tmp-*`` and renames it to ``<index>`` when
   complete; a kill before the rename leaves a temporary directory that no reader sees (removed on the next
   start). Old checkpoints beyond ``max_to_keep`` are removed only after the new one is committed, renamed
-  aside (``.deleting-<index>``) before the recursive delete so a half-deleted one is never read.
+  aside (``.deleting-<index>``) before the recursive delete so a half-deleted one is never read; one found
+  unreadable does not count towards ``max_to_keep``.
 * ``restore`` falls back to the newest readable checkpoint, with one warning line, when newer ones are
   unreadable (disk corruption, a file truncated outside this process).
 
@@ -69,6 +70,7 @@ class Checkpointer:
         for leftover in self.directory.glob(_DELETING + "*"):  # a kill in the middle of a removal
             shutil.rmtree(leftover, ignore_errors=True)
         self._steps: dict[int, int] = {}  # save index -> training step (metadata read once per index)
+        self._unreadable: set[int] = set()  # indices restore failed on: not counted by max_to_keep
 
     def _indices(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -113,7 +115,16 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._steps[index] = int(step)
         _maybe_kill("committed")
-        self._remove(self._indices()[: -self.max_to_keep])
+        self._remove(self._to_remove())
+
+    def _to_remove(self) -> list[int]:
+        """Indices older than the newest ``max_to_keep`` readable ones (unreadable ones do not count, so a
+        damaged checkpoint never pushes out the older good one; it goes once it is older than those)."""
+        indices = self._indices()
+        good = [i for i in indices if i not in self._unreadable]
+        if len(good) < self.max_to_keep:
+            return []
+        return [i for i in indices if i < good[-self.max_to_keep]]
 
     def _remove(self, indices: list[int]) -> None:
         for index in indices:
@@ -123,6 +134,7 @@ class Checkpointer:
             _maybe_kill("delete")
             shutil.rmtree(aside, ignore_errors=True)
             self._steps.pop(index, None)
+            self._unreadable.discard(index)
         if indices:
             self._manager.reload()
 
@@ -141,6 +153,7 @@ class Checkpointer:
                 restored = self._manager.restore(index, args=ocp.args.StandardRestore(abstract))
             except Exception as e:  # torn or corrupted files: try the next older checkpoint
                 failed.append((index, e))
+                self._unreadable.add(index)
                 continue
             if failed:
                 skipped = "; ".join(self._describe(i, e) for i, e in failed)

@@ -155,6 +155,20 @@ def test_corrupted_latest_falls_back_with_one_warning(tmp_path, caplog):
     assert "ValueError" in message and "restored step 8 instead" in message, message
 
 
+def test_unreadable_checkpoint_does_not_count_for_max_to_keep(tmp_path):
+    ckpt = Checkpointer(tmp_path, max_to_keep=2)
+    for n in range(3):
+        ckpt.save(STEPS[n], _state(n))
+    _truncate_data(tmp_path / "3")
+    resumed = Checkpointer(tmp_path, max_to_keep=2)
+    _assert_state(resumed.restore(_target()), 1)
+    resumed.save(STEPS[2], _state(2))  # the good index 2 stays beside the new 4 (3 is unreadable)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "3", "4"]
+    resumed.save(STEPS[3], _state(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["4", "5"]
+    _assert_state(Checkpointer(tmp_path).restore(_target()), 3)
+
+
 def test_no_readable_checkpoint_raises_one_error(tmp_path):
     ckpt = Checkpointer(tmp_path)
     for n in range(2):
