@@ -52,11 +52,36 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
     return text[0][:limit] if text else ""
 
 
+def committed_steps(directory: str | pathlib.Path) -> list[int | None]:
+    """Training steps of the committed checkpoints in ``directory``, oldest first, without opening it (safe
+    while another process writes there: a ``Checkpointer`` would remove that writer's temporary
+    directories). ``None`` where a checkpoint's metadata is unreadable."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    indices = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    return [_read_step(directory / str(i), i) for i in indices]
+
+
+def _read_step(path: pathlib.Path, index: int) -> int | None:
+    # The small step-metadata JSON, read directly: Orbax's metadata() also parses the array tree and fails
+    # on damaged data that restore reports anyway.
+    try:
+        meta = json.loads((path / _STEP_METADATA).read_text())
+    except (OSError, ValueError):
+        return None
+    custom = meta.get("custom_metadata") or {}
+    return int(custom.get("step", index))  # checkpoints written before save indices: keyed by their step
+
+
 class CheckpointError(RuntimeError):
     """No checkpoint in the directory could be read."""
 
 
 class Checkpointer:
+    """Open one only in the process that writes the directory (it removes temporary leftovers on opening);
+    other processes read progress with ``committed_steps``."""
+
     def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep: expected >= 1, got {max_to_keep}")
@@ -77,15 +102,10 @@ class Checkpointer:
 
     def _step_of(self, index: int) -> int | None:
         if index not in self._steps:
-            # Read the small step-metadata JSON directly: Orbax's metadata() also parses the array tree
-            # and fails on damaged data that restore reports anyway.
-            try:
-                meta = json.loads((self.directory / str(index) / _STEP_METADATA).read_text())
-            except (OSError, ValueError):
+            step = _read_step(self.directory / str(index), index)
+            if step is None:
                 return None
-            custom = meta.get("custom_metadata") or {}
-            # Checkpoints written before save indices existed are keyed by their training step.
-            self._steps[index] = int(custom.get("step", index))
+            self._steps[index] = step
         return self._steps[index]
 
     def has_checkpoints(self) -> bool:

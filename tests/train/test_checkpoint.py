@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from recjax.train.checkpoint import KILL_ENV, Checkpointer, CheckpointError
+from recjax.train.checkpoint import KILL_ENV, Checkpointer, CheckpointError, committed_steps
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = (4, 8, 8, 12)  # step 8 saved twice with different content, as the trainer does at an epoch end
@@ -50,7 +50,8 @@ def test_same_step_resave_and_retention(tmp_path):
         ckpt.restore(_target())
     for n in range(3):
         ckpt.save(STEPS[n], _state(n))
-    assert ckpt.steps() == [8, 8] and ckpt.latest_step() == 8
+    assert ckpt.steps() == [8, 8] == committed_steps(tmp_path) and ckpt.latest_step() == 8
+    assert committed_steps(tmp_path / "absent") == []
     _assert_state(ckpt.restore(_target()), 2)  # the second save of step 8 wins
     # A new process sees the same; save indices keep growing, old ones removed only after a commit.
     again = Checkpointer(tmp_path, max_to_keep=2)
