@@ -8,7 +8,7 @@ and recognising a finished run.
 * ``check_resume_config(workdir, config, allow_change)``: the resolved config is stored as
   ``workdir/config.json`` on the first start; on resume a differing config is refused with the dotted keys
   and old -> new values, unless the keys are allowed. Allowed without asking: ``RESULT_NEUTRAL_KEYS``
-  (display and checkpoint cadence: resume is exact at any save point) and a larger ``train.num_epochs``
+  (display, checkpoint cadence, buffer donation) and a larger ``train.num_epochs``
   (continuing a run); a smaller one is refused, as the run may already be past it.
 * ``finished_results(workdir, config)``: the stored ``results.json`` when the run finished with this config.
 
@@ -41,8 +41,11 @@ CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoints"  # the Trainer's checkpoint directory inside the workdir
 
-# Keys whose change cannot change the results (display; checkpoint cadence, as resume is exact).
-RESULT_NEUTRAL_KEYS = frozenset({"train.progress", "train.checkpoint_every_steps"})
+# Keys whose change cannot change the results: display, checkpoint cadence (resume is exact at any save
+# point), buffer donation (memory only).
+RESULT_NEUTRAL_KEYS = frozenset(
+    {"train.progress", "train.checkpoint_every_steps", "train.checkpoint_every_epochs", "train.donate"}
+)
 # Keys that may grow without asking: more epochs continue a run.
 GROWABLE_KEYS = frozenset({"train.num_epochs"})
 
