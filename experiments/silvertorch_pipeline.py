@@ -47,11 +47,12 @@ from flax import nnx
 
 from recjax.data.movielens import GENRES, load_ml1m_sequential, load_ml100k
 from recjax.models.registry import build_model
+from recjax.ops.ann import probe_clusters
 from recjax.ops.topk import topk_inner_product
 from recjax.retrieval import fresh_index as fi
 from recjax.retrieval import multitask_data as mt
 from recjax.retrieval import unified_ivf
-from recjax.retrieval.ivf import assign_clusters, probe_clusters
+from recjax.retrieval.ivf import assign_clusters
 from recjax.retrieval.overarch import OverArch, OverArchConfig, task_predictions
 from recjax.retrieval.unified import (
     Scorer,

@@ -63,3 +63,18 @@ def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         want = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name}: expected {want}, got {value}")
+
+
+def check_ids(name: str, ids, num_ids: int, *, padding: int | None = None) -> None:
+    """Every value a valid id in [0, num_ids), or exactly ``padding`` (one marker value, not any negative:
+    -2 or num_ids is a bug upstream, not padding). Skipped on tracers like the other value checks."""
+    if is_tracer(ids):
+        return
+    arr = np.asarray(ids)
+    ok = (arr >= 0) & (arr < num_ids)
+    if padding is not None:
+        ok |= arr == padding
+    if not ok.all():
+        idx = tuple(int(i) for i in np.argwhere(~ok)[0])
+        pad = "" if padding is None else f" or {padding} (padding)"
+        raise ValueError(f"{name}: expected ids in [0, {num_ids}){pad}, got {arr[idx]} at index {idx}")

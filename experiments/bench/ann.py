@@ -28,8 +28,8 @@ import numpy as np
 
 from experiments.bench.common import timed
 from pallas_kernels import int8_ann
-from recjax.ops import dispatch
-from recjax.retrieval import ivf, quantize
+from recjax.ops import ann, dispatch, quantize
+from recjax.retrieval import ivf
 
 INT8_PEAK_TOPS = {"H100": 1979.0, "H200": 1979.0}  # dense int8 tensor-core peak (SXM)
 
@@ -269,7 +269,7 @@ def bench_ivf(n, d, b, k, nprobes, num_clusters, reps, recall_queries):
         @jax.jit
         def run(q, p=p):
             qv, qs = quantize._quantize_rows(q)
-            probes = ivf.probe_clusters(q, index.centroids_LxD, p)
+            probes = ann.probe_clusters(q, index.centroids_LxD, p)
             return int8_ann.int8_ivf_topk(
                 qv,
                 qs,
@@ -329,7 +329,7 @@ def check(interpret: bool):
     index = ivf.build_ivf_index(items, items[rng.choice(3000, 30, replace=False)], block_n=128)
     qf = rng.normal(size=(40, 64)).astype(np.float32)
     qq = quantize.quantize_queries(qf)
-    probes = ivf.probe_clusters(qf, index.centroids_LxD, 4)
+    probes = ann.probe_clusters(qf, index.centroids_LxD, 4)
     v, _ = int8_ann.int8_ivf_topk(
         qq.values_NxD,
         qq.scales_N,

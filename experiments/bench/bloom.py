@@ -22,6 +22,7 @@ import numpy as np
 
 from experiments.bench.common import timed
 from pallas_kernels import bloom as bloom_kernel
+from recjax.ops import bloom as bloom_op
 from recjax.retrieval import bloom
 
 
@@ -88,7 +89,7 @@ def main():
     print(f"# card: {jax.devices()[0].device_kind}  backend: {jax.default_backend()}")
     t0 = time.perf_counter()
     feats = make_features(a.n, a.features, 5, a.vocab)
-    config = bloom.BloomConfig(bits_per_item=a.bits, num_hashes=a.hashes)
+    config = bloom_op.BloomConfig(bits_per_item=a.bits, num_hashes=a.hashes)
     index = bloom.build_bloom_index(feats, config, chunk_words=4096)
     jax.block_until_ready(index.words_MxW)
     terms = a.features * 5
@@ -111,7 +112,7 @@ def main():
         label = f"pallas block_w={block_w}"
         if block_w == 0:  # two-stage: distinct terms first, then the CNF over the term table
             label = f"pallas 2-stage U={plan.num_distinct_terms}"
-            fn = jax.jit(lambda: bloom.filter_words(index, plan, interpret=interpret, two_stage=True))
+            fn = jax.jit(lambda: bloom_op.filter_words(index, plan, impl="pallas", two_stage=True))
         else:
             fn = jax.jit(
                 lambda: bloom_kernel.bloom_filter_words(

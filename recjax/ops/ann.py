@@ -15,9 +15,11 @@ IVF filters: ``mask_BxW`` over the original ids (gathered onto the probed cluste
 Bloom plan, "probe, then filter": the plan is evaluated only on the probed clusters' words. Both become one
 per-(query, probe) mask inside the kernel, so filtered items never compete for the top-k.
 
-Importing this module also registers ``"pallas"`` in recjax.ops.topk (float queries and items quantized
-on the fly, excluded ids cleared from the mask). It is not made the ``auto`` choice there because int8
-scores are approximate and evaluation expects exact float ranking.
+``recjax.ops.topk``'s ``"pallas"`` implementation is ``int8_search`` (float queries and items quantized on
+the fly, excluded ids cleared from the mask); topk imports this module, never the other way round.
+The IVF index type (``IVFIndex``) and the coarse probe (``probe_clusters``) live here, the op that reads
+them; k-means and building the index are ``recjax.retrieval.ivf``. The Bloom plan is evaluated by
+``recjax.ops.bloom`` with the same ``impl``.
 
 Letters: B queries, N items, D dim, K results, W mask words (ceil(N / 32)), P probes, L clusters,
 R rows per probed cluster (max_tiles * block_n), V words per probed cluster (R / 32).
@@ -25,29 +27,56 @@ R rows per probed cluster (max_tiles * block_n), V words per probed cluster (R /
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass, field
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import int8_ann
 from recjax import validation
-from recjax.ops import dispatch, topk
-from recjax.retrieval import bloom as bloom_lib
-from recjax.retrieval.ivf import IVFIndex, probe_clusters
-from recjax.retrieval.quantize import Int8Embeddings, quantize_items, quantize_queries
+from recjax.ops import bloom as bloom_op
+from recjax.ops import dispatch
+from recjax.ops.quantize import Int8Embeddings, quantize_queries
 
-IMPLS = ("auto", "pallas", "xla", "reference")
+IMPLS = dispatch.IMPLS
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class IVFIndex:
+    """Int8 items sorted by cluster. Cluster c holds sorted rows [tile_start[c] * T, (tile_start[c] +
+    num_tiles[c]) * T); padding rows have id -1 and zero values. ``sorted_row_N[i]`` is the row of item i.
+    A pytree (the ints are static), so it can be an argument of a jitted function. Built by
+    ``recjax.retrieval.ivf.build_ivf_index`` (T = ``block_n``)."""
+
+    centroids_LxD: jax.Array
+    items: Int8Embeddings  # sorted + padded rows
+    ids_sorted: jax.Array  # (rows,) int32 original item id, -1 for padding
+    tile_start_L: jax.Array
+    num_tiles_L: jax.Array
+    sorted_row_N: jax.Array
+    block_n: int = field(metadata=dict(static=True))
+    max_tiles: int = field(metadata=dict(static=True))  # largest cluster, in tiles (sizes the probe mask)
+    num_items: int = field(metadata=dict(static=True))
+
+    @property
+    def num_clusters(self) -> int:
+        return self.centroids_LxD.shape[0]
+
+
+@functools.partial(jax.jit, static_argnames=("nprobe",))
+def probe_clusters(queries_BxD: jax.Array, centroids_LxD: jax.Array, nprobe: int) -> jax.Array:
+    """The ``nprobe`` clusters with the largest <q, c> per query (distinct), int32 (B, P)."""
+    sim = jnp.dot(queries_BxD.astype(jnp.float32), centroids_LxD.T, preferred_element_type=jnp.float32)
+    return jax.lax.top_k(sim, nprobe)[1].astype(jnp.int32)
 
 
 def _resolve(impl: str, batch: int = 16) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     return ("pallas" if dispatch.pallas_supported() and batch >= 16 else "xla") if impl == "auto" else impl
-
-
-def _bloom_impl(impl: str) -> str:
-    """The Bloom kernel on a GPU (any batch) or when pallas is asked for; the plain-JAX evaluation else."""
-    return "pallas" if impl == "pallas" or (impl == "auto" and dispatch.pallas_supported()) else "reference"
 
 
 def _check_common(queries_BxD, d: int, n: int, k: int) -> None:
@@ -133,8 +162,8 @@ def filtered_search(
     queries_BxD,
     items: Int8Embeddings,
     k: int,
-    bloom_index: bloom_lib.BloomIndex,
-    plan: bloom_lib.BloomPlan,
+    bloom_index: bloom_op.BloomIndex,
+    plan: bloom_op.BloomPlan,
     *,
     impl: str = "auto",
     exact: bool = False,
@@ -144,9 +173,7 @@ def filtered_search(
         raise ValueError(
             f"bloom_index: expected {items.num_rows} items (the search layout), got {bloom_index.num_items}"
         )
-    words = bloom_lib.filter_words(
-        bloom_index, plan, impl=_bloom_impl(impl), interpret=not dispatch.pallas_supported()
-    )
+    words = bloom_op.filter_words(bloom_index, plan, impl=impl)  # auto: the Bloom kernel on a GPU, any B
     return int8_search(queries_BxD, items, k, mask_BxW=words, impl=impl, exact=exact)
 
 
@@ -157,16 +184,16 @@ def ivf_search(
     nprobe: int,
     *,
     mask_BxW: jax.Array | None = None,
-    bloom_index: bloom_lib.BloomIndex | None = None,
-    plan: bloom_lib.BloomPlan | None = None,
+    bloom_index: bloom_op.BloomIndex | None = None,
+    plan: bloom_op.BloomPlan | None = None,
     impl: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """IVF search over the ``nprobe`` best clusters per query; returns original item ids.
 
     Filters (ANDed; filtered items never compete for the top-k, for every impl):
     - ``mask_BxW``: packed allow-bits over the *original* item ids (the layout ``int8_search`` and
-      ``bloom.filter_words`` use: bit j of word w = item 32 w + j), mapped here to the words of each probed
-      cluster in the sorted layout (B P V words are gathered; the B x N mask is never permuted);
+      ``ops.bloom.filter_words`` use: bit j of word w = item 32 w + j), mapped here to the words of each
+      probed cluster in the sorted layout (B P V words are gathered; the B x N mask is never permuted);
     - ``plan`` with a ``bloom_index`` built in the IVF sorted order (``item_order=index.ids_sorted``,
       ``pad_words=max_tiles * block_n / 32``): probe, then filter, the plan is evaluated only on the probed
       clusters' words.
@@ -192,15 +219,14 @@ def ivf_search(
         return _ivf_reference(q, index, probes, k, mask_BxW, bloom_index, plan)
     mask = None  # (B, P, V) words: each probed cluster's allow-bits
     if plan is not None:
-        mask = bloom_lib.filter_words_probed(
+        mask = bloom_op.filter_words_probed(
             bloom_index,
             plan,
             probes,
             index.tile_start_L,
             block_n=index.block_n,
             max_tiles=index.max_tiles,
-            impl=_bloom_impl(impl),
-            interpret=not dispatch.pallas_supported(),
+            impl=impl,
         )
         mask = jax.lax.bitcast_convert_type(mask.astype(jnp.int32), jnp.uint32)
     if mask_BxW is not None:
@@ -268,14 +294,11 @@ def _ivf_reference(q, index: IVFIndex, probes_BxP, k, mask_BxW, bloom_index, pla
     if mask_BxW is not None:
         allowed &= int8_ann.unpack_mask_reference(mask_BxW, n)
     if plan is not None:
-        words = bloom_lib.filter_words(bloom_index, plan, impl="reference")
+        words = bloom_op.filter_words(bloom_index, plan, impl="reference")
         allowed &= int8_ann.unpack_mask_reference(words, bloom_index.num_items)[:, row_N]
     items = index.items
     scores = int8_ann.int8_scores_reference(q.values_NxD, items.values_NxD[row_N], items.scales_N[row_N])
     return _dense_topk(scores, allowed, q.scales_N, k)
-
-
-# ------------------------------------------------------------------------ recjax.ops.topk registration
 
 
 def _pack_allowed(allowed_BxN: jax.Array) -> jax.Array:
@@ -288,13 +311,3 @@ def _pack_allowed(allowed_BxN: jax.Array) -> jax.Array:
 def pack_mask(allowed_BxN) -> jax.Array:
     """(B, N) bool -> (B, ceil(N / 32)) uint32 words, the kernels' mask layout."""
     return _pack_allowed(jnp.asarray(allowed_BxN, bool))
-
-
-def _topk_pallas(queries_BxD, items_NxD, k, *, exclude_BxH=None):
-    mask = None
-    if exclude_BxH is not None:
-        mask = _pack_allowed(~topk.exclusion_mask(exclude_BxH, items_NxD.shape[0]))
-    return int8_search(queries_BxD, quantize_items(items_NxD), k, mask_BxW=mask, impl="pallas")
-
-
-topk.register_impl("pallas", _topk_pallas)

@@ -3,12 +3,14 @@
 Build: every (feature, value) pair of an item is a term ``"feature:value"``; its K Bloom bits are double
 hashes of a 64-bit blake2b digest of the term string, taken modulo M (``bits_per_item``). The bits of all
 N items are stored bit-sliced (``words_MxW``: word w of row m holds bit m of items 32 w .. 32 w + 31), so a
-term test over 32 items is an AND of K words (see pallas_kernels/bloom.py).
+term test over 32 items is an AND of K words. The index and plan types (``BloomConfig``, ``BloomIndex``,
+``BloomPlan``) and their evaluation (``filter_words``, ``filter_words_probed``) are the op
+``recjax.ops.bloom``; this module builds indexes, compiles queries and holds the exact host-side checks.
 
 Queries: ``feature:value`` terms combined with AND, OR, NOT and parentheses (keywords case-insensitive,
 AND binds tighter than OR, NOT tightest); the empty query matches everything. Each query is parsed once,
 NOT is pushed to the terms (De Morgan), and the result is distributed into a CNF (AND of OR-clauses)
-padded to a fixed (clauses x literals) shape: the plan a jitted kernel evaluates for many queries.
+padded to a fixed (clauses x literals) shape: the plan ``ops.bloom`` evaluates for many queries at once.
 Parse errors are ``BloomQueryError`` naming the position in the query string.
 
 What NOT does: a Bloom test has false positives and no false negatives, so NOT(test) has false negatives
@@ -19,7 +21,7 @@ superset of the exact filter for every query (no false negatives, the NOT is lef
 the K retrieved candidates). AND/OR-only queries never have false negatives in either mode.
 
 Letters: N items, M bits per item, K hashes, W words (ceil(N / 32), plus padding), B queries,
-C clauses, T literals per clause, P probes, V words per probed cluster.
+C clauses, T literals per clause.
 Deviation from SilverTorch: one M-bit signature shared by all features (SilverTorch sizes a bundle per
 feature), 32-bit words (SilverTorch: 64-bit), CNF plans instead of its postfix plan format.
 """
@@ -36,14 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import bloom as bloom_kernel
 from recjax import validation
-
-
-@dataclass(frozen=True)
-class BloomConfig:
-    bits_per_item: int = 512  # M
-    num_hashes: int = 5  # K
+from recjax.ops import bloom as bloom_op
 
 
 class BloomQueryError(ValueError):
@@ -112,7 +108,7 @@ def features_from_multi_hot(
     return item_features(out)
 
 
-def term_rows(term: str, config: BloomConfig) -> np.ndarray:
+def term_rows(term: str, config: bloom_op.BloomConfig) -> np.ndarray:
     """The K Bloom rows of a term string (double hashing of a stable 64-bit digest)."""
     key = int.from_bytes(hashlib.blake2b(term.encode(), digest_size=8).digest(), "little")
     h1, h2 = key & 0xFFFFFFFF, (key >> 32) | 1
@@ -121,18 +117,7 @@ def term_rows(term: str, config: BloomConfig) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ index
 
-
-@dataclass(frozen=True)
-class BloomIndex:
-    words_MxW: jax.Array  # int32, bit-sliced; zero padding words at the end
-    config: BloomConfig
-    num_items: int  # rows of the layout (items, or IVF sorted rows)
-    feature_names: tuple[str, ...]
-    max_terms_per_item: int
-
-    @property
-    def num_words(self) -> int:
-        return -(-self.num_items // 32)
+_DEFAULT_CONFIG = bloom_op.BloomConfig()  # M = 512, K = 5
 
 
 @jax.jit
@@ -148,12 +133,12 @@ def _pack_chunk(rows_CxE, words_MxV):
 
 def build_bloom_index(
     features: ItemFeatures,
-    config: BloomConfig = BloomConfig(),
+    config: bloom_op.BloomConfig = _DEFAULT_CONFIG,
     *,
     item_order: np.ndarray | None = None,
     pad_words: int = 0,
     chunk_words: int = 2048,
-) -> BloomIndex:
+) -> bloom_op.BloomIndex:
     """Bit-sliced index. ``item_order[r]`` = item stored at layout row r (-1 = empty row), e.g. an IVF
     index's ``ids_sorted`` so that clusters are contiguous words; ``pad_words`` zero words are appended
     (probed evaluation reads up to one cluster past an offset)."""
@@ -186,10 +171,10 @@ def build_bloom_index(
         out.append(_pack_chunk(jnp.asarray(part), jnp.zeros((config.bits_per_item, v), jnp.int32)))
     words = jnp.concatenate(out, axis=1) if out else jnp.zeros((config.bits_per_item, 0), jnp.int32)
     words = jnp.pad(words, ((0, 0), (0, pad_words + num_words - words.shape[1])))
-    return BloomIndex(words, config, n, tuple(features.codes), max_terms)
+    return bloom_op.BloomIndex(words, config, n, tuple(features.codes), max_terms)
 
 
-def analytic_term_fpr(config: BloomConfig, terms_per_item: float) -> float:
+def analytic_term_fpr(config: bloom_op.BloomConfig, terms_per_item: float) -> float:
     """Expected false-positive rate of one absent term: (1 - exp(-K n / M))^K."""
     k, m = config.num_hashes, config.bits_per_item
     return (1.0 - math.exp(-k * terms_per_item / m)) ** k
@@ -311,29 +296,14 @@ def _to_cnf(node, negate: bool, max_clauses: int):
     return clauses
 
 
-@dataclass(frozen=True)
-class BloomPlan:
-    """``rows_BxCxTxK`` / ``kinds_BxCxT``: the CNF plan. ``term_rows_UxK`` / ``term_of_BxCxT``: the same
-    literals deduplicated over the batch (U distinct terms), for the two-stage evaluation."""
-
-    rows_BxCxTxK: jax.Array
-    kinds_BxCxT: jax.Array
-    term_rows_UxK: np.ndarray | None = None
-    term_of_BxCxT: np.ndarray | None = None
-
-    @property
-    def num_distinct_terms(self) -> int:
-        return 0 if self.term_rows_UxK is None else self.term_rows_UxK.shape[0]
-
-
 def compile_queries(
-    index: BloomIndex,
+    index: bloom_op.BloomIndex,
     queries: Sequence[str],
     *,
     max_clauses: int | None = None,
     max_literals: int | None = None,
     not_mode: str = "bloom",
-) -> BloomPlan:
+) -> bloom_op.BloomPlan:
     """Parses and compiles a batch of queries into one fixed-shape plan (padded to the largest query, or
     to ``max_clauses`` x ``max_literals`` so repeated batches reuse one compiled kernel)."""
     if not_mode not in ("bloom", "superset"):
@@ -353,98 +323,23 @@ def compile_queries(
         c_max, t_max = max_clauses or c_max, max_literals or t_max
     k = index.config.num_hashes
     rows = np.zeros((len(queries), c_max, t_max, k), np.int32)
-    kinds = np.full((len(queries), c_max, t_max), bloom_kernel.KIND_FALSE, np.int32)
+    kinds = np.full((len(queries), c_max, t_max), bloom_op.KIND_FALSE, np.int32)
     for b, cnf in enumerate(cnfs):
-        kinds[b, len(cnf) :, 0] = bloom_kernel.KIND_TRUE  # padding clauses
+        kinds[b, len(cnf) :, 0] = bloom_op.KIND_TRUE  # padding clauses
         for c, clause in enumerate(cnf):
             for t, (feature, value, negated) in enumerate(clause):
                 rows[b, c, t] = term_rows(f"{feature}:{value}", index.config)
                 if negated:
-                    kinds[b, c, t] = (
-                        bloom_kernel.KIND_TRUE if not_mode == "superset" else bloom_kernel.KIND_NOT_TERM
-                    )
+                    kinds[b, c, t] = bloom_op.KIND_TRUE if not_mode == "superset" else bloom_op.KIND_NOT_TERM
                 else:
-                    kinds[b, c, t] = bloom_kernel.KIND_TERM
+                    kinds[b, c, t] = bloom_op.KIND_TERM
     term_rows_UxK, term_of = np.unique(rows.reshape(-1, k), axis=0, return_inverse=True)
-    return BloomPlan(jnp.asarray(rows), jnp.asarray(kinds), term_rows_UxK, term_of.reshape(kinds.shape))
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-
-
-def filter_words(
-    index: BloomIndex,
-    plan: BloomPlan,
-    *,
-    impl: str = "pallas",
-    interpret: bool | None = None,
-    two_stage: bool | None = None,
-):
-    """Packed allow-mask over all items, (B, ceil(N / 32)) int32.
-
-    ``two_stage`` (pallas only; None = when it reads fewer index rows): first the U distinct terms of the
-    batch (AND of K index rows each) into a (U, W) term table (U W 4 bytes of scratch), then each query's
-    CNF over that table with one row per literal: B C T K row reads become U K + B C T. Same kernel, same
-    bits. Measured on an H200 at B=1024, 10M items (benchmarks/RESULTS.md): 4.4 ms vs 7.2 ms one-stage."""
-    args = (index.words_MxW, plan.rows_BxCxTxK, plan.kinds_BxCxT)
-    if impl == "reference":
-        return bloom_kernel.bloom_filter_words_reference(*args, num_words=index.num_words)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    b, c, t, k = plan.rows_BxCxTxK.shape
-    u = plan.num_distinct_terms
-    if two_stage is None:
-        two_stage = u > 0 and u * k + b * c * t < b * c * t * k
-    if not two_stage:
-        return bloom_kernel.bloom_filter_words(*args, num_words=index.num_words, interpret=interpret)
-    if plan.term_rows_UxK is None:
-        raise ValueError("plan: two_stage needs a plan from compile_queries (term table missing)")
-    w = index.num_words
-    term_kinds = jnp.full((u, 1, 1), bloom_kernel.KIND_TERM, jnp.int32)
-    terms_UxW = bloom_kernel.bloom_filter_words(
-        index.words_MxW,
-        jnp.asarray(plan.term_rows_UxK)[:, None, None, :],
-        term_kinds,
-        num_words=w,
-        interpret=interpret,
-    )
-    return bloom_kernel.bloom_filter_words(
-        terms_UxW,
-        jnp.asarray(plan.term_of_BxCxT)[..., None],
-        plan.kinds_BxCxT,
-        num_words=w,
-        interpret=interpret,
+    return bloom_op.BloomPlan(
+        jnp.asarray(rows), jnp.asarray(kinds), term_rows_UxK, term_of.reshape(kinds.shape)
     )
 
 
-def filter_words_probed(
-    index: BloomIndex,
-    plan: BloomPlan,
-    probes_BxP,
-    tile_start_L,
-    *,
-    block_n: int,
-    max_tiles: int,
-    impl: str = "pallas",
-    interpret: bool | None = None,
-):
-    """Probe, then filter: only the words of each query's probed clusters, (B, P, V) int32 with
-    V = max_tiles * block_n / 32 words per probe (the layout must be the IVF sorted order)."""
-    b, p = probes_BxP.shape
-    v = max_tiles * block_n // 32
-    offsets = (jnp.asarray(tile_start_L)[probes_BxP] * (block_n // 32)).reshape(-1).astype(jnp.int32)
-    rows = jnp.repeat(plan.rows_BxCxTxK, p, axis=0)
-    kinds = jnp.repeat(plan.kinds_BxCxT, p, axis=0)
-    if impl == "reference":
-        out = bloom_kernel.bloom_filter_words_reference(index.words_MxW, rows, kinds, offsets, num_words=v)
-    else:
-        if interpret is None:
-            interpret = jax.default_backend() != "gpu"
-        block_w = min(256, 1 << max(0, (v - 1).bit_length()))
-        out = bloom_kernel.bloom_filter_words(
-            index.words_MxW, rows, kinds, offsets, num_words=v, block_w=block_w, interpret=interpret
-        )
-    return out.reshape(b, p, v)
+# ------------------------------------------------------------------------------------------ exact checks
 
 
 def exact_filter(features: ItemFeatures, query: str) -> np.ndarray:

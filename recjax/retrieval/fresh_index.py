@@ -11,8 +11,8 @@ Filters are boolean masks over the global id space [0, V) (V = ``id_capacity``),
 one mask filters both tables consistently. Fewer than K allowed items -> score -inf, id -1.
 
 Retrieval per table (``impl``), all through recjax.ops:
-- ``"exact"``: ``ops.topk.topk_inner_product`` (float scores, ``topk_impl`` picks xla / reference / a
-  registered kernel); filtered-out rows are passed as its per-query exclude list.
+- ``"exact"``: ``ops.topk.topk_inner_product`` (float scores, ``topk_impl`` picks xla / reference / the
+  int8 "pallas" kernel); filtered-out rows are passed as its per-query exclude list.
 - ``"int8"``: the main table through ``ops.ann.int8_search`` on the int8 copy with the filter as a packed
   mask applied inside the kernel (``ann_impl``); the small fresh table stays exact float.
 - ``candidate_fn(queries_BxD, table, allowed_BxN, k) -> (scores_BxK, rows_BxK)``: any other search (e.g.
@@ -34,7 +34,7 @@ import numpy as np
 
 from recjax import validation
 from recjax.ops import ann, topk
-from recjax.retrieval.quantize import Int8Embeddings, quantize_items
+from recjax.ops.quantize import Int8Embeddings, quantize_items
 
 SEARCH_IMPLS = ("exact", "int8")
 

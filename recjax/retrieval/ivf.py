@@ -1,7 +1,8 @@
 """k-means and the int8 IVF index (SilverTorch): items stored sorted by cluster, each cluster padded to whole
-kernel tiles, probed by inner product with the centroids.
+kernel tiles, probed by inner product with the centroids. This module trains the centroids and builds the
+index; the index type (``IVFIndex``), the probe (``probe_clusters``) and the search are ``recjax.ops.ann``.
 
-Letters: N items, D dim, L clusters, P probes, B queries, T items per tile (block_n).
+Letters: N items, D dim, L clusters, B queries, T items per tile (block_n).
 
 k-means: Lloyd iterations (jit, assignments in row chunks so N x L is never materialised) on a random
 sample of at most ``sample_per_cluster * L`` items, initialised by k-means++ seeding on at most 32 L of
@@ -13,14 +14,14 @@ IVF-IP coarse quantizer.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from recjax import validation
-from recjax.retrieval.quantize import Int8Embeddings, quantize_items
+from recjax.ops import ann, quantize
 
 _ASSIGN_CHUNK = 16384
 
@@ -102,36 +103,14 @@ def kmeans(x_NxD: jax.Array, config: KMeansConfig) -> jax.Array:
     return _lloyd(x, init, config.iterations)
 
 
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
-class IVFIndex:
-    """Int8 items sorted by cluster. Cluster c holds sorted rows [tile_start[c] * T, (tile_start[c] +
-    num_tiles[c]) * T); padding rows have id -1 and zero values. ``sorted_row_N[i]`` is the row of item i.
-    A pytree (the ints are static), so it can be an argument of a jitted function."""
-
-    centroids_LxD: jax.Array
-    items: Int8Embeddings  # sorted + padded rows
-    ids_sorted: jax.Array  # (rows,) int32 original item id, -1 for padding
-    tile_start_L: jax.Array
-    num_tiles_L: jax.Array
-    sorted_row_N: jax.Array
-    block_n: int = field(metadata=dict(static=True))
-    max_tiles: int = field(metadata=dict(static=True))  # largest cluster, in tiles (sizes the probe mask)
-    num_items: int = field(metadata=dict(static=True))
-
-    @property
-    def num_clusters(self) -> int:
-        return self.centroids_LxD.shape[0]
-
-
-def build_ivf_index(items_NxD: jax.Array, centroids_LxD: jax.Array, *, block_n: int = 64) -> IVFIndex:
+def build_ivf_index(items_NxD: jax.Array, centroids_LxD: jax.Array, *, block_n: int = 64) -> ann.IVFIndex:
     """Quantizes the items (per-item scales), assigns them to the nearest centroid and lays them out sorted
     by cluster, each cluster padded to a multiple of ``block_n`` rows."""
     validation.check_shape("centroids_LxD", centroids_LxD, (None, np.shape(items_NxD)[1]))
     validation.check_finite("centroids_LxD", centroids_LxD)
     if block_n % 32 or block_n & (block_n - 1):
         raise ValueError(f"block_n: expected a power of two >= 32, got {block_n}")
-    q = quantize_items(items_NxD)  # validates items (shape, dtype, NaN)
+    q = quantize.quantize_items(items_NxD)  # validates items (shape, dtype, NaN)
     n = q.num_rows
     assign_N = assign_clusters(jnp.asarray(items_NxD, jnp.float32), jnp.asarray(centroids_LxD, jnp.float32))
     num_clusters = centroids_LxD.shape[0]
@@ -148,9 +127,9 @@ def build_ivf_index(items_NxD: jax.Array, centroids_LxD: jax.Array, *, block_n: 
     values = jnp.zeros((rows, q.dim), jnp.int8).at[sorted_row_N].set(q.values_NxD)
     scales = jnp.ones((rows,), jnp.float32).at[sorted_row_N].set(q.scales_N)
     ids = jnp.full((rows,), -1, jnp.int32).at[sorted_row_N].set(jnp.arange(n, dtype=jnp.int32))
-    return IVFIndex(
+    return ann.IVFIndex(
         centroids_LxD=jnp.asarray(centroids_LxD, jnp.float32),
-        items=Int8Embeddings(values, scales),
+        items=quantize.Int8Embeddings(values, scales),
         ids_sorted=ids,
         tile_start_L=jnp.asarray(tile_start, jnp.int32),
         num_tiles_L=jnp.asarray(tiles, jnp.int32),
@@ -159,10 +138,3 @@ def build_ivf_index(items_NxD: jax.Array, centroids_LxD: jax.Array, *, block_n: 
         max_tiles=int(tiles.max()),
         num_items=n,
     )
-
-
-@functools.partial(jax.jit, static_argnames=("nprobe",))
-def probe_clusters(queries_BxD: jax.Array, centroids_LxD: jax.Array, nprobe: int) -> jax.Array:
-    """The ``nprobe`` clusters with the largest <q, c> per query (distinct), int32 (B, P)."""
-    sim = jnp.dot(queries_BxD.astype(jnp.float32), centroids_LxD.T, preferred_element_type=jnp.float32)
-    return jax.lax.top_k(sim, nprobe)[1].astype(jnp.int32)

@@ -36,8 +36,8 @@ import optax
 from flax import nnx
 
 from recjax import validation
+from recjax.ops import bloom as bloom_op
 from recjax.ops import topk
-from recjax.retrieval import bloom as bloom_lib
 from recjax.retrieval import fresh_index as fresh_lib
 from recjax.retrieval import unified_ivf
 from recjax.retrieval.overarch import OverArch, multitask_loss, task_predictions
@@ -52,7 +52,9 @@ class UnifiedConfig:
     topk_impl: str = "auto"  # ops.topk impl for exact search (and the fresh table)
     ann_impl: str = "auto"  # ops.ann impl for int8 search
     normalize_queries: bool = False  # apply tower.normalize to the user embedding
-    bloom_impl: str = "auto"  # Bloom plan evaluation: "pallas" | "reference" | "auto" (pallas on GPU)
+    bloom_impl: str = (
+        "auto"  # ops.bloom impl for the Bloom plan: "auto" (pallas on GPU) | "pallas" | "xla" | ...
+    )
     index: str = "brute"  # main table: "brute" (``retrieval``) | "ivf" (int8 IVF, ``ann_impl``)
     nprobe: int = 1  # clusters probed per query with index="ivf"
 
@@ -68,9 +70,9 @@ class UnifiedConfig:
         if self.index not in ("brute", "ivf"):
             raise ValueError(f"UnifiedConfig.index: expected 'brute' or 'ivf', got {self.index!r}")
         validation.check_positive("UnifiedConfig.nprobe", self.nprobe)
-        if self.bloom_impl not in ("auto", "pallas", "reference"):
+        if self.bloom_impl not in bloom_op.IMPLS:
             raise ValueError(
-                f"UnifiedConfig.bloom_impl: expected 'auto', 'pallas' or 'reference', got {self.bloom_impl!r}"
+                f"UnifiedConfig.bloom_impl: expected one of {bloom_op.IMPLS}, got {self.bloom_impl!r}"
             )
 
 
@@ -114,14 +116,12 @@ class UnifiedOutput:
 
 
 def bloom_allowed(
-    bloom_index: bloom_lib.BloomIndex, plan: bloom_lib.BloomPlan, num_ids: int, *, impl: str = "auto"
+    bloom_index: bloom_op.BloomIndex, plan: bloom_op.BloomPlan, num_ids: int, *, impl: str = "auto"
 ) -> jax.Array:
     """(B, V) bool allow-mask from a compiled Bloom plan over an index whose layout row r is global id r.
     Ids the Bloom index does not cover (e.g. fresh items added after it was built) are not allowed.
     Jittable; AND/OR queries have no false negatives, false positives at the Bloom rate (see bloom.py)."""
-    if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "reference"
-    words_BxW = bloom_lib.filter_words(bloom_index, plan, impl=impl)
+    words_BxW = bloom_op.filter_words(bloom_index, plan, impl=impl)
     b = words_BxW.shape[0]
     bits = (words_BxW[..., None] >> jnp.arange(32, dtype=words_BxW.dtype)) & 1  # bit j = item 32 w + j
     n = min(bloom_index.num_items, num_ids)
@@ -139,7 +139,7 @@ def serve(
     allowed=None,
     exclude_BxH=None,
     user_side_BxU=None,
-    bloom: tuple[bloom_lib.BloomIndex, bloom_lib.BloomPlan] | None = None,
+    bloom: tuple[bloom_op.BloomIndex, bloom_op.BloomPlan] | None = None,
     candidate_fn: Callable | None = None,
     ivf: unified_ivf.MainIVF | None = None,
 ) -> UnifiedOutput:
@@ -246,7 +246,7 @@ class UnifiedRetrieval:
             bloom = None
             if bloom_static is not None:  # BloomIndex / BloomPlan are plain dataclasses: rebuilt in the trace
                 words_MxW, rows, kinds = bloom_arrays
-                bloom = (replace(bloom_static, words_MxW=words_MxW), bloom_lib.BloomPlan(rows, kinds))
+                bloom = (replace(bloom_static, words_MxW=words_MxW), bloom_op.BloomPlan(rows, kinds))
             return serve(
                 nnx.merge(self.graphdef, state),
                 config,
@@ -281,7 +281,7 @@ class UnifiedRetrieval:
         allowed=None,
         exclude_BxH=None,
         user_side_BxU=None,
-        bloom: tuple[bloom_lib.BloomIndex, bloom_lib.BloomPlan] | None = None,
+        bloom: tuple[bloom_op.BloomIndex, bloom_op.BloomPlan] | None = None,
         ivf: unified_ivf.MainIVF | None = None,
     ) -> UnifiedOutput:
         """``bloom``: a Bloom index whose layout row r is global id r (built over ``id_capacity`` rows or

@@ -30,9 +30,10 @@ import numpy as np
 
 from recjax import validation
 from recjax.ops import ann
+from recjax.ops import bloom as bloom_op
 from recjax.retrieval import bloom as bloom_lib
 from recjax.retrieval.fresh_index import FreshIndex, ItemTable
-from recjax.retrieval.ivf import IVFIndex, KMeansConfig, build_ivf_index, kmeans
+from recjax.retrieval.ivf import KMeansConfig, build_ivf_index, kmeans
 
 
 @jax.tree_util.register_dataclass
@@ -40,11 +41,11 @@ from recjax.retrieval.ivf import IVFIndex, KMeansConfig, build_ivf_index, kmeans
 class MainIVF:
     """IVF over a FreshIndex's main table, with (optionally) the Bloom index in the IVF sorted layout."""
 
-    ivf: IVFIndex
+    ivf: ann.IVFIndex
     bloom_words_MxW: jax.Array | None = None  # sorted-layout Bloom words (+ one cluster of zero padding)
-    bloom_meta: bloom_lib.BloomIndex | None = field(default=None, metadata=dict(static=True))  # no words
+    bloom_meta: bloom_op.BloomIndex | None = field(default=None, metadata=dict(static=True))  # no words
 
-    def sorted_bloom(self) -> bloom_lib.BloomIndex | None:
+    def sorted_bloom(self) -> bloom_op.BloomIndex | None:
         return None if self.bloom_meta is None else replace(self.bloom_meta, words_MxW=self.bloom_words_MxW)
 
 
@@ -56,7 +57,7 @@ def build_main_ivf(
     iterations: int = 10,
     seed: int = 0,
     bloom_features: bloom_lib.ItemFeatures | None = None,
-    bloom_config: bloom_lib.BloomConfig | None = None,
+    bloom_config: bloom_op.BloomConfig | None = None,
 ) -> MainIVF:
     """k-means on the main rows that hold items, IVF layout over all main rows (empty rows are filtered
     at search time). ``bloom_features`` (rows = global ids, the features of the id-layout Bloom index,
@@ -77,7 +78,7 @@ def build_main_ivf(
     order = np.where(order < bloom_features.num_items, order, -1)  # uncovered ids: no bits
     bidx = bloom_lib.build_bloom_index(
         bloom_features,
-        bloom_config or bloom_lib.BloomConfig(),
+        bloom_config or bloom_op.BloomConfig(),
         item_order=order,
         pad_words=ivf_index.max_tiles * block_n // 32,
     )
@@ -130,7 +131,7 @@ def ivf_candidates(main: MainIVF, nprobe: int, *, plan=None, impl: str = "auto")
 
 
 def bloom_on_fresh(
-    bloom_index: bloom_lib.BloomIndex, plan: bloom_lib.BloomPlan, fresh: ItemTable, allowed_BxV, num_ids: int
+    bloom_index: bloom_op.BloomIndex, plan: bloom_op.BloomPlan, fresh: ItemTable, allowed_BxV, num_ids: int
 ) -> jax.Array:
     """``allowed_BxV`` (None = all) AND id covered by the (id-layout) Bloom index, AND, at the fresh ids
     only, the plan's bit (evaluated on the one word of each fresh id). Main ids are left to the IVF."""
@@ -143,7 +144,7 @@ def bloom_on_fresh(
         return allowed
     ids_F = fresh.ids_N
     ok_F = (ids_F >= 0) & (ids_F < bloom_index.num_items)
-    words_BxFx1 = bloom_lib.filter_words_probed(
+    words_BxFx1 = bloom_op.filter_words_probed(
         bloom_index,
         plan,
         jnp.broadcast_to(jnp.arange(f, dtype=jnp.int32), (b, f)),  # "probe" fresh slot s ...

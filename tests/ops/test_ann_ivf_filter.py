@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from recjax.ops import ann
+from recjax.ops import bloom as bloom_op
 from recjax.retrieval import bloom, ivf
 
 SIZES = (5, 60, 41, 20, 49, 28)  # N = 203: not a multiple of block_n = 32; every cluster <= 2 tiles
@@ -43,7 +44,7 @@ def test_mask_impls_agree_and_padding(rng, setup, assert_same_topk):
     for impl in ("xla", "pallas"):
         assert_same_topk(ann.ivf_search(queries, index, k, nprobe, mask_BxW=mask, impl=impl), ref)
     vals, ids = (np.asarray(a) for a in ref)
-    probes = np.asarray(ivf.probe_clusters(queries, index.centroids_LxD, nprobe))
+    probes = np.asarray(ann.probe_clusters(queries, index.centroids_LxD, nprobe))
     for r in range(b):
         eligible = allowed[r] & np.isin(assign, probes[r])
         got = ids[r][ids[r] >= 0]
@@ -79,7 +80,7 @@ def test_mask_and_bloom_plan_combined(rng, setup, assert_same_topk):
     feats = bloom.item_features({"tag": rng.integers(0, 5, (n, 2))})
     v = index.max_tiles * index.block_n // 32
     bidx = bloom.build_bloom_index(
-        feats, bloom.BloomConfig(64, 3), item_order=np.asarray(index.ids_sorted), pad_words=v
+        feats, bloom_op.BloomConfig(64, 3), item_order=np.asarray(index.ids_sorted), pad_words=v
     )
     plan = bloom.compile_queries(bidx, ["tag:1 OR tag:2", "", "NOT tag:0", "tag:3"])
     allowed = rng.random((b, n)) < 0.6
@@ -88,8 +89,8 @@ def test_mask_and_bloom_plan_combined(rng, setup, assert_same_topk):
     for impl in ("xla", "pallas"):
         assert_same_topk(ann.ivf_search(queries, index, k, nprobe, impl=impl, **kw), ref)
     # Bloom over the id layout, read per item: the plan's bits AND the mask
-    id_bloom = bloom.build_bloom_index(feats, bloom.BloomConfig(64, 3))
-    bits = bloom.unpack_words(bloom.filter_words(id_bloom, plan, impl="reference"), n)
+    id_bloom = bloom.build_bloom_index(feats, bloom_op.BloomConfig(64, 3))
+    bits = bloom.unpack_words(bloom_op.filter_words(id_bloom, plan, impl="reference"), n)
     assert _allowed_ids(ref[1], allowed & bits)
     assert (np.asarray(ref[1])[1] >= 0).sum() > 0  # the empty query matches everything
 

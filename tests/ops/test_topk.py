@@ -2,6 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from recjax.ops import topk
 from recjax.ops.topk import topk_inner_product
 
 
@@ -42,3 +43,19 @@ def test_bad_inputs(rng):
         topk_inner_product(q, jnp.ones((3, 4)).at[1, 2].set(jnp.nan), 1)
     with pytest.raises(ValueError, match="impl"):
         topk_inner_product(q, jnp.ones((3, 4)), 1, impl="nope")
+
+
+@pytest.mark.parametrize("bad", [3, 10, -2])
+def test_exclude_ids_outside_range_are_rejected(bad):
+    # exclusion_mask used to drop ids >= N silently and read any negative as padding
+    q, items = jnp.ones((2, 4)), jnp.ones((3, 4))
+    exclude = jnp.asarray([[0, -1], [bad, 1]], jnp.int32)
+    want = rf"exclude_BxH: expected ids in \[0, 3\) or -1 \(padding\), got {bad} at index \(1, 0\)"
+    for impl in ("xla", "reference"):
+        with pytest.raises(ValueError, match=want):
+            topk_inner_product(q, items, 1, exclude_BxH=exclude, impl=impl)
+
+
+def test_implementation_table():
+    assert topk.available_impls() == ["xla", "reference", "pallas"]
+    assert topk._resolve("auto") == "xla"  # int8 "pallas" is approximate: never chosen by "auto"

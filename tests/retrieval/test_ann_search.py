@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recjax.ops import ann, topk
-from recjax.retrieval import bloom, ivf, quantize
+from recjax.ops import ann, quantize, topk
+from recjax.ops import bloom as bloom_op
+from recjax.retrieval import bloom, ivf
 
 
 def test_int8_search_impls_agree_with_mask(rng, assert_same_topk):
@@ -25,7 +26,7 @@ def test_filtered_search_returns_only_allowed_items(rng, assert_same_topk):
     n, d, b, k = 300, 16, 3, 10
     genre = rng.integers(0, 8, (n, 2))
     feats = bloom.item_features({"genre": genre})
-    index = bloom.build_bloom_index(feats, bloom.BloomConfig(64, 3))
+    index = bloom.build_bloom_index(feats, bloom_op.BloomConfig(64, 3))
     queries_text = ["genre:1 OR genre:2", "genre:3 AND genre:4", "NOT genre:0"]
     plan = bloom.compile_queries(index, queries_text)
     items = quantize.quantize_items(rng.normal(size=(n, d)).astype(np.float32))
@@ -33,7 +34,7 @@ def test_filtered_search_returns_only_allowed_items(rng, assert_same_topk):
     got = ann.filtered_search(queries, items, k, index, plan, impl="pallas", exact=True)
     ref = ann.filtered_search(queries, items, k, index, plan, impl="reference")
     assert_same_topk(got, ref)
-    allowed = bloom.unpack_words(bloom.filter_words(index, plan, impl="reference"), n)
+    allowed = bloom.unpack_words(bloom_op.filter_words(index, plan, impl="reference"), n)
     ids = np.asarray(got[1])
     for r in range(b):
         real = ids[r][ids[r] >= 0]
@@ -52,7 +53,7 @@ def test_ivf_search_pallas_matches_dense_definition_with_probe_then_filter(rng, 
     ref = ann.ivf_search(queries, index, k, nprobe, impl="reference")
     assert_same_topk(ann.ivf_search(queries, index, k, nprobe, impl="pallas"), ref)
     # results lie in the probed clusters
-    probes = np.asarray(ivf.probe_clusters(queries, index.centroids_LxD, nprobe))
+    probes = np.asarray(ann.probe_clusters(queries, index.centroids_LxD, nprobe))
     assign = np.asarray(ivf.assign_clusters(x, index.centroids_LxD))
     ids = np.asarray(ref[1])
     assert all(np.isin(assign[ids[r]], probes[r]).all() for r in range(b))
@@ -60,7 +61,7 @@ def test_ivf_search_pallas_matches_dense_definition_with_probe_then_filter(rng, 
     feats = bloom.item_features({"tag": rng.integers(0, 5, (n, 2))})
     v = index.max_tiles * index.block_n // 32
     bidx = bloom.build_bloom_index(
-        feats, bloom.BloomConfig(64, 3), item_order=np.asarray(index.ids_sorted), pad_words=v
+        feats, bloom_op.BloomConfig(64, 3), item_order=np.asarray(index.ids_sorted), pad_words=v
     )
     plan = bloom.compile_queries(bidx, ["tag:1", "tag:2 OR tag:3", "NOT tag:4", "", "tag:0 AND tag:1"])
     ref = ann.ivf_search(queries, index, k, nprobe, bloom_index=bidx, plan=plan, impl="reference")
@@ -72,7 +73,7 @@ def test_ivf_search_pallas_matches_dense_definition_with_probe_then_filter(rng, 
     assert exact_tag1[ids[ids >= 0]].mean() > 0.8  # mostly true matches (Bloom false positives possible)
 
 
-def test_topk_pallas_registration(rng):
+def test_topk_pallas_impl(rng):
     n, d, b, k = 200, 16, 4, 10
     items = rng.normal(size=(n, d)).astype(np.float32)
     queries = rng.normal(size=(b, d)).astype(np.float32)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from recjax.ops import bloom as bloom_op
 from recjax.retrieval import bloom
 
 
@@ -27,12 +28,12 @@ QUERIES = [
 def test_and_or_queries_have_no_false_negatives_and_pallas_matches_reference(rng):
     n = 700  # not a multiple of 32
     feats = _features(rng, n)
-    index = bloom.build_bloom_index(feats, bloom.BloomConfig(bits_per_item=48, num_hashes=3))
+    index = bloom.build_bloom_index(feats, bloom_op.BloomConfig(bits_per_item=48, num_hashes=3))
     for mode in ("bloom", "superset"):
         plan = bloom.compile_queries(index, QUERIES, not_mode=mode)
-        words = bloom.filter_words(index, plan, interpret=True)
+        words = bloom_op.filter_words(index, plan, impl="pallas")
         np.testing.assert_array_equal(
-            np.asarray(words), np.asarray(bloom.filter_words(index, plan, impl="reference"))
+            np.asarray(words), np.asarray(bloom_op.filter_words(index, plan, impl="reference"))
         )
         got = bloom.unpack_words(words, n)
         for i, q in enumerate(QUERIES):
@@ -47,16 +48,16 @@ def test_term_false_positive_rate_within_analytic_bound(rng):
     n, terms, vocab = 4096, 8, 1000
     tags = np.argsort(rng.random((n, vocab)), axis=1)[:, :terms]
     feats = bloom.item_features({"tag": tags})
-    config = bloom.BloomConfig(bits_per_item=64, num_hashes=3)
+    config = bloom_op.BloomConfig(bits_per_item=64, num_hashes=3)
     index = bloom.build_bloom_index(feats, config)
     absent = [f"tag:{v}" for v in range(vocab, vocab + 40)]  # values no item has
     plan = bloom.compile_queries(index, absent)
-    got = bloom.unpack_words(bloom.filter_words(index, plan, impl="reference"), n)
+    got = bloom.unpack_words(bloom_op.filter_words(index, plan, impl="reference"), n)
     measured = got.mean()
     bound = bloom.analytic_term_fpr(config, terms)
     assert 0.3 * bound < measured <= bound * 1.15 + 0.003, (measured, bound)
     present = bloom.compile_queries(index, [f"tag:{v}" for v in range(40)])
-    got = bloom.unpack_words(bloom.filter_words(index, present, impl="reference"), n)
+    got = bloom.unpack_words(bloom_op.filter_words(index, present, impl="reference"), n)
     for i in range(40):
         assert got[i][(tags == i).any(1)].all()
 
@@ -65,15 +66,14 @@ def test_not_false_negatives_bounded_and_superset_mode(rng):
     n = 2048
     tags = rng.integers(0, 50, (n, 6))
     feats = bloom.item_features({"tag": tags})
-    index = bloom.build_bloom_index(feats, bloom.BloomConfig(bits_per_item=32, num_hashes=2))
+    index = bloom.build_bloom_index(feats, bloom_op.BloomConfig(bits_per_item=32, num_hashes=2))
     q = ["NOT tag:3"]
     exact = bloom.exact_filter(feats, q[0])
     strict = bloom.unpack_words(
-        bloom.filter_words(index, bloom.compile_queries(index, q), impl="reference"), n
+        bloom_op.filter_words(index, bloom.compile_queries(index, q), impl="reference"), n
     )[0]
-    superset = bloom.unpack_words(
-        bloom.filter_words(index, bloom.compile_queries(index, q, not_mode="superset"), impl="reference"), n
-    )[0]
+    superset_plan = bloom.compile_queries(index, q, not_mode="superset")
+    superset = bloom.unpack_words(bloom_op.filter_words(index, superset_plan, impl="reference"), n)[0]
     assert not (strict & ~exact).any()  # NOT(test) never admits an item that has the value
     assert (exact & ~strict).mean() <= 2 * bloom.analytic_term_fpr(index.config, 6) + 0.01
     assert superset.all()  # negated literal -> TRUE: no false negatives
@@ -92,13 +92,13 @@ def test_probed_filter_matches_full_filter_on_ivf_layout(rng):
         order[tile_start[c] * block_n : tile_start[c] * block_n + s] = perm[pos : pos + s]
         pos += s
     v = int(tiles.max()) * block_n // 32
-    index = bloom.build_bloom_index(feats, bloom.BloomConfig(64, 3), item_order=order, pad_words=v)
+    index = bloom.build_bloom_index(feats, bloom_op.BloomConfig(64, 3), item_order=order, pad_words=v)
     plan = bloom.compile_queries(index, QUERIES[:3])
     probes = np.array([[0, 2], [3, 1], [2, 3]], np.int32)
-    probed = bloom.filter_words_probed(
-        index, plan, probes, tile_start, block_n=block_n, max_tiles=int(tiles.max()), interpret=True
+    probed = bloom_op.filter_words_probed(
+        index, plan, probes, tile_start, block_n=block_n, max_tiles=int(tiles.max()), impl="pallas"
     )
-    full = bloom.unpack_words(bloom.filter_words(index, plan, impl="reference"), len(order))
+    full = bloom.unpack_words(bloom_op.filter_words(index, plan, impl="reference"), len(order))
     bits = bloom.unpack_words(probed, v * 32)
     for b in range(3):
         for j, c in enumerate(probes[b]):
@@ -119,7 +119,7 @@ def test_probed_filter_matches_full_filter_on_ivf_layout(rng):
     ],
 )
 def test_malformed_queries_name_the_position(rng, query, pos):
-    index = bloom.build_bloom_index(_features(rng, 40), bloom.BloomConfig(32, 2))
+    index = bloom.build_bloom_index(_features(rng, 40), bloom_op.BloomConfig(32, 2))
     with pytest.raises(bloom.BloomQueryError, match=f"at position {pos}"):
         bloom.compile_queries(index, [query])
 
@@ -127,8 +127,8 @@ def test_malformed_queries_name_the_position(rng, query, pos):
 def test_bad_config_and_plan_shape(rng):
     feats = _features(rng, 40)
     with pytest.raises(ValueError, match="bits_per_item: expected > 0"):
-        bloom.build_bloom_index(feats, bloom.BloomConfig(0, 2))
-    index = bloom.build_bloom_index(feats, bloom.BloomConfig(32, 2))
+        bloom.build_bloom_index(feats, bloom_op.BloomConfig(0, 2))
+    index = bloom.build_bloom_index(feats, bloom_op.BloomConfig(32, 2))
     with pytest.raises(bloom.BloomQueryError, match="plan shape"):
         bloom.compile_queries(index, ["genre:1 AND genre:2 AND genre:3"], max_clauses=2)
     with pytest.raises(ValueError, match="not_mode"):
@@ -138,11 +138,11 @@ def test_bad_config_and_plan_shape(rng):
 def test_two_stage_evaluation_equals_single_stage(rng):
     n = 500
     feats = _features(rng, n)
-    index = bloom.build_bloom_index(feats, bloom.BloomConfig(bits_per_item=48, num_hashes=3))
+    index = bloom.build_bloom_index(feats, bloom_op.BloomConfig(bits_per_item=48, num_hashes=3))
     batch = QUERIES + [QUERIES[0], "genre:3 OR genre:4", "genre:3 AND year:1995"]  # shared terms
     plan = bloom.compile_queries(index, batch)
     assert plan.num_distinct_terms < np.prod(plan.kinds_BxCxT.shape)
-    two = bloom.filter_words(index, plan, interpret=True, two_stage=True)
+    two = bloom_op.filter_words(index, plan, impl="pallas", two_stage=True)
     np.testing.assert_array_equal(
-        np.asarray(two), np.asarray(bloom.filter_words(index, plan, impl="reference"))
+        np.asarray(two), np.asarray(bloom_op.filter_words(index, plan, impl="reference"))
     )

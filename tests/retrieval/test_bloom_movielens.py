@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from recjax.ops import ann
-from recjax.retrieval import bloom, quantize
+from recjax.ops import ann, quantize
+from recjax.ops import bloom as bloom_op
+from recjax.retrieval import bloom
 
 QUERIES = [
     "genres:Comedy AND NOT genres:Horror",
@@ -27,22 +28,22 @@ def ml1m_features(data_dir):
 def test_movielens_bloom_no_false_negatives_and_low_fpr(ml1m_features):
     n = ml1m_features.num_items
     assert n == 3416
-    config = bloom.BloomConfig(bits_per_item=64, num_hashes=3)
+    config = bloom_op.BloomConfig(bits_per_item=64, num_hashes=3)
     index = bloom.build_bloom_index(ml1m_features, config)
     plan = bloom.compile_queries(index, QUERIES, not_mode="superset")
-    got = bloom.unpack_words(bloom.filter_words(index, plan, interpret=True), n)
+    got = bloom.unpack_words(bloom_op.filter_words(index, plan, impl="pallas"), n)
     for i, q in enumerate(QUERIES):
         exact = bloom.exact_filter(ml1m_features, q)
         assert exact.any() and not (exact & ~got[i]).any(), q
     # per-term FPR on absent values, against the analytic rate for the largest item (<= 6 genres + year)
     absent = bloom.compile_queries(index, [f"genres:NotAGenre{j}" for j in range(30)])
-    fpr = bloom.unpack_words(bloom.filter_words(index, absent, impl="reference"), n).mean()
+    fpr = bloom.unpack_words(bloom_op.filter_words(index, absent, impl="reference"), n).mean()
     assert fpr <= bloom.analytic_term_fpr(config, index.max_terms_per_item)
 
 
 def test_movielens_filtered_retrieval_matches_exact_filter(ml1m_features, rng):
     n = ml1m_features.num_items
-    index = bloom.build_bloom_index(ml1m_features, bloom.BloomConfig(bits_per_item=256, num_hashes=4))
+    index = bloom.build_bloom_index(ml1m_features, bloom_op.BloomConfig(bits_per_item=256, num_hashes=4))
     plan = bloom.compile_queries(index, QUERIES[1:4])
     items = quantize.quantize_items(rng.normal(size=(n, 16)).astype(np.float32))
     queries = rng.normal(size=(3, 16)).astype(np.float32)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from recjax.ops import ann
 from recjax.retrieval import ivf
 
 
@@ -33,7 +34,7 @@ def test_ivf_index_layout(rng):
     rows = np.asarray(index.sorted_row_N)
     np.testing.assert_array_equal(ids[rows], np.arange(n))
     np.testing.assert_array_equal(np.asarray(index.items.values_NxD)[ids < 0], 0)
-    probes = np.asarray(ivf.probe_clusters(x[:3], cents, 2))
+    probes = np.asarray(ann.probe_clusters(x[:3], cents, 2))
     assert probes.shape == (3, 2) and (probes[:, 0] != probes[:, 1]).all()
 
 

@@ -8,6 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
+from recjax.ops import bloom as bloom_op
 from recjax.retrieval import bloom as bl
 from recjax.retrieval import fresh_index as fi
 from recjax.retrieval.overarch import OverArch, OverArchConfig, TaskSpec
@@ -186,7 +187,7 @@ def test_bloom_filter_inside_the_pipeline_equals_exact_mask(rng, system):
     codes = rng.integers(0, 5, size=(V, 2))
     codes[0] = -1  # the padding id has no features
     features = bl.item_features({"genre": codes})
-    bloom_index = bl.build_bloom_index(features, bl.BloomConfig(bits_per_item=256, num_hashes=4))
+    bloom_index = bl.build_bloom_index(features, bloom_op.BloomConfig(bits_per_item=256, num_hashes=4))
     queries = ["genre:1 OR genre:3", "genre:0 AND NOT genre:2", "genre:4", "(genre:2 OR genre:0) AND genre:1"]
     plan = bl.compile_queries(bloom_index, queries)
     exact = np.stack([bl.exact_filter(features, q) for q in queries])

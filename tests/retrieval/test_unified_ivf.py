@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from recjax.ops import ann
+from recjax.ops import bloom as bloom_op
 from recjax.retrieval import bloom as bl
 from recjax.retrieval import fresh_index as fi
 from recjax.retrieval import ivf as ivf_lib
@@ -18,7 +20,7 @@ from recjax.retrieval.value_model import ValueModel, ValueModelConfig
 NUM_ITEMS, D, L, B, F, CLUSTERS = 60, 8, 5, 4, 4, 4
 V = NUM_ITEMS + 1 + F  # main ids 1..60 (row 0 = padding), fresh ids 61..64
 TASKS = (TaskSpec("click", "binary"), TaskSpec("rating", "regression"))
-BLOOM = bl.BloomConfig(bits_per_item=256, num_hashes=4)  # ~1e-9 false positives: Bloom mask = exact mask
+BLOOM = bloom_op.BloomConfig(bits_per_item=256, num_hashes=4)  # ~1e-9 false positives: Bloom mask = exact
 
 
 class MeanTower(nnx.Module):
@@ -95,7 +97,7 @@ def test_ivf_all_clusters_equals_brute_force_and_filters(rng, system):
     ur = UnifiedRetrieval(model, UnifiedConfig(k=12, n_final=5, index="ivf", nprobe=1, ann_impl="xla"))
     out = ur(index, inputs, mask, ivf=main, **kw)
     user = np.asarray(model.tower.user_embedding(model.tower(jnp.asarray(inputs), jnp.asarray(mask))))
-    probes = np.asarray(ivf_lib.probe_clusters(user, main.ivf.centroids_LxD, 1))[:, 0]
+    probes = np.asarray(ann.probe_clusters(user, main.ivf.centroids_LxD, 1))[:, 0]
     cluster_of_row = np.asarray(ivf_lib.assign_clusters(index.main.emb_NxD, main.ivf.centroids_LxD))
     cand = np.asarray(out.candidate_ids_BxK)
     for r in range(B):
@@ -176,7 +178,7 @@ def test_ivf_bad_inputs(rng, system):
         UnifiedRetrieval(model, ivf_cfg)(
             index, inputs, mask, ivf=unified_ivf.MainIVF(main.ivf), bloom=(bloom_index, plan)
         )
-    other = bl.build_bloom_index(features, bl.BloomConfig(128, 3))
+    other = bl.build_bloom_index(features, bloom_op.BloomConfig(128, 3))
     plan = bl.compile_queries(other, ["genre:1"] * B)
     with pytest.raises(ValueError, match="the sorted Bloom index has"):
         UnifiedRetrieval(model, ivf_cfg)(index, inputs, mask, ivf=main, bloom=(other, plan))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from recjax.retrieval import quantize
+from recjax.ops import quantize
 
 
 def test_quantize_roundtrip_within_half_step_and_range(rng):
