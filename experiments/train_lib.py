@@ -21,7 +21,8 @@ def load_dataset(data: ml_collections.ConfigDict):
 
 
 def train_config(train: ml_collections.ConfigDict):
-    from recjax.train.trainer import LossConfig, TrainConfig
+    from recjax.train.tasks import LossConfig
+    from recjax.train.trainer import TrainConfig
 
     fields = train.to_dict()
     loss = LossConfig(**fields.pop("loss"))
@@ -48,6 +49,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     from recjax.data.splits import leave_one_out
     from recjax.eval import ranking
     from recjax.models.registry import build_model
+    from recjax.train.tasks import NextItemTask
     from recjax.train.trainer import Trainer
 
     tcfg = train_config(config.train)
@@ -61,18 +63,14 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
         rngs=nnx.Rngs(params=tcfg.seed, dropout=tcfg.seed + 1),
         **model_cfg,
     )
-    trainer = Trainer(
-        model,
-        split,
-        tcfg,
-        workdir,
-        max_len=config.data.max_len,
-        batch_iter=batch_iterator(config.data.pipeline),
+    task = NextItemTask.from_config(
+        split, tcfg, max_len=config.data.max_len, batch_iter=batch_iterator(config.data.pipeline)
     )
+    trainer = Trainer(model, task, tcfg, workdir)
     results = trainer.fit()
     from recjax.data import batching
 
-    test_batches = batching.batches(trainer.test_examples, tcfg.eval_batch_size)
+    test_batches = batching.batches(task.examples["test"], tcfg.eval_batch_size)
     results["popularity_test"] = ranking.evaluate_popularity(
         split.train, dataset.num_items, test_batches, ks=tcfg.ks
     )
@@ -87,15 +85,39 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     return results
 
 
+def metric_sort_key(name: str) -> tuple:
+    """Table order: hr@k, then ndcg@k (numeric k: @10 before @50 before @200), then other @k, then mrr,
+    then the rest; a ``split/`` prefix is ignored."""
+    base = name.rsplit("/", 1)[-1]
+    family, at, k = base.partition("@")
+    if at and k.isdigit():
+        rank = {"hr": 0, "ndcg": 1}.get(family, 2)
+        return (0, rank, family, int(k))
+    return (1, 0 if base == "mrr" else 1, base, 0)
+
+
+def ordered_metrics(names) -> list[str]:
+    return sorted(names, key=metric_sort_key)
+
+
 def format_table(results: dict[str, Any]) -> str:
-    keys = [k for k in results["test"] if k.startswith(("hr@", "ndcg@"))] + ["mrr"]
-    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    lines.append("| trained | " + " | ".join(f"{results['test'][k]:.4f}" for k in keys) + " |")
-    lines.append("| popularity | " + " | ".join(f"{results['popularity_test'][k]:.4f}" for k in keys) + " |")
+    """Test metrics of the trained model beside popularity, as an aligned markdown table, and a summary."""
+    keys = ordered_metrics(k for k in results["test"] if k in results["popularity_test"])
+    rows = [
+        ["model", *keys],
+        ["trained", *(f"{results['test'][k]:.4f}" for k in keys)],
+        ["popularity", *(f"{results['popularity_test'][k]:.4f}" for k in keys)],
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(keys) + 1)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    lines = [line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows[1:])]
     ds = results["dataset"]
     lines.append(
-        f"\n{ds['name']}: {ds['users']} users, {ds['items']} items; best validation epoch "
-        f"{results['best_epoch']} of {results['epochs']}; {results['s_per_epoch']:.2f} s/epoch; "
-        f"wall {results['wall_s']:.0f} s on {results['devices']}"
+        f"\ntest split: leave-one-out, ranked against all {ds['items']} items of {ds['name']} ({ds['users']} "
+        f"users). Best validation epoch {results['best_epoch']} of {results['epochs']}; "
+        f"{results['s_per_epoch']:.2f} s/epoch; wall {results['wall_s']:.0f} s on {results['devices']}."
     )
     return "\n".join(lines)

@@ -1,10 +1,10 @@
 """MPZCH vs modulo hashing at equal table size, on raw item IDs (issue 3, item 4), through the Trainer.
 
 Every setting trains a recjax model (``--model sasrec|hstu``, several with commas) with
-``recjax.train.trainer.Trainer(..., id_remapper=ItemIdRemapper(...))``: the remap, the reset of re-assigned
-rows (embedding + Adam moments) and the unchanged loss step run in the trainer's jitted step; evaluation goes
-through the read-only remap; the remap state is checkpointed with the parameters (a killed run resumes from
-``<out>/runs/<setting>`` when rerun with ``--resume``).
+``Trainer(model, RemappedTask(NextItemTask(...), ItemIdRemapper(...)), ...)``: the remap, the reset of
+re-assigned rows (embedding + Adam moments) and the unchanged loss step run in the trainer's jitted step;
+evaluation goes through the read-only remap; the remap state is checkpointed with the parameters (a killed
+run resumes from ``<out>/runs/<setting>`` when rerun with ``--resume``).
 
 Datasets (raw IDs, no dense vocabulary; fixed by ``--data-seed``, the same for every training seed):
 - ``ml-1m``: MovieLens-1M (SASRec form) mapped back to the original MovieLens movie IDs through
@@ -52,7 +52,9 @@ from recjax.data.splits import leave_one_out
 from recjax.data.types import SequenceDataset
 from recjax.embeddings import zch_remap as zr
 from recjax.models.registry import build_model
-from recjax.train.trainer import LossConfig, TrainConfig, Trainer
+from recjax.train.remap_hook import RemappedTask
+from recjax.train.tasks import LossConfig, NextItemTask
+from recjax.train.trainer import TrainConfig, Trainer
 
 MODELS = ("sasrec", "hstu")
 METRICS = ("coll", "evict", "inherit", "unknown", "hr@10", "ndcg@10")
@@ -168,7 +170,9 @@ def make_remapper(table_size: int, method: str, cfg: RunConfig) -> zr.ItemIdRema
     )
 
 
-def make_trainer(split, table_size: int, method: str, cfg: RunConfig, workdir, *, time_ordered: bool):
+def make_trainer(
+    split, table_size: int, method: str, cfg: RunConfig, workdir, *, time_ordered: bool, eval_rows=None
+):
     """A Trainer of ``cfg.model`` on raw IDs through an MPZCH / modulo remapper of ``table_size`` rows."""
     remapper = make_remapper(table_size, method, cfg)
     model = build_model(
@@ -189,34 +193,30 @@ def make_trainer(split, table_size: int, method: str, cfg: RunConfig, workdir, *
         progress=False,
         loss=LossConfig(num_negatives=cfg.num_negatives),
     )
-    trainer = Trainer(
-        model,
-        split,
-        tcfg,
-        workdir,
-        max_len=cfg.max_len,
-        batch_iter=_in_time_order if time_ordered else None,
-        id_remapper=remapper,
+    inner = NextItemTask.from_config(
+        split, tcfg, max_len=cfg.max_len, batch_iter=_in_time_order if time_ordered else None
     )
+    if eval_rows is not None:  # churn: the most recent users only
+        inner.examples["test"] = eval_rows
+    trainer = Trainer(model, RemappedTask(inner, remapper), tcfg, workdir)
     key = (dataclasses.replace(cfg, seed=0), table_size, method, time_ordered)
     shared = _COMPILED.get(key)
     if shared is not None and shared[0] == trainer.graphdef:
-        for name, fn in shared[1].items():
-            setattr(trainer, name, fn)
+        trainer.train_step, trainer.task._eval_remap = shared[1]
     else:
-        names = ("train_step", "remap_step", "eval_remap", "query")
-        _COMPILED[key] = (trainer.graphdef, {n: getattr(trainer, n) for n in names})
+        _COMPILED[key] = (trainer.graphdef, (trainer.train_step, trainer.task._eval_remap))
     return trainer
 
 
 def train_and_eval(
     split, table_size: int, method: str, cfg: RunConfig, *, time_ordered: bool, eval_rows, workdir
 ) -> dict:
-    trainer = make_trainer(split, table_size, method, cfg, workdir, time_ordered=time_ordered)
-    trainer.test_examples = eval_rows  # churn: the most recent users only
+    trainer = make_trainer(
+        split, table_size, method, cfg, workdir, time_ordered=time_ordered, eval_rows=eval_rows
+    )
     res = trainer.fit()
     test = res["test"]
-    return _id_metrics(split, table_size, method, res["remap_last_epoch"], test["unknown_target_rate"]) | {
+    return _id_metrics(split, table_size, method, res["last_epoch"], test["unknown_target_rate"]) | {
         "hr@10": test["hr@10"],
         "ndcg@10": test["ndcg@10"],
         "steps": res["steps"],

@@ -82,7 +82,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         "eval_batch_size": 256,
         "ks": (10, 50, 200),
         "num_devices": 0,
-        "topk_impl": "auto",
+        "eval_impl": "auto",
         "progress": True,
         "loss": {
             "name": "sampled_softmax",

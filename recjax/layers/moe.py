@@ -2,11 +2,10 @@
 
 ``MoEFeedForward(d_model, ffn_dim, num_experts, top_k, activation="swiglu", rngs=...)`` is a drop-in
 feed-forward for a transformer block: ``y = ffn(x_...xD)`` (any leading dims, optional validity mask). The
-auxiliary router losses of the last call are kept in ``ffn.aux_loss`` (a :class:`MoEAuxLoss` variable) and the
-per-expert load in ``ffn.expert_load`` (:class:`MoEStats`); :func:`collect_aux_loss` sums the aux losses of
-every MoE layer in a model, to add to the training loss. ``ffn.forward(x, mask)`` returns ``(y, aux)``.
-Inside a jax transform the variables can only be updated if the model was merged there with
-``nnx.merge(..., copy=True)``; otherwise the call warns and leaves them unchanged (the output is unaffected).
+call sows its weighted router loss under ``"aux_loss"`` and its per-expert load under ``"expert_load"``
+(``nnx.sow(nnx.Intermediate, ...)``): a training loss collects them with ``nnx.pop(model, nnx.Intermediate)``
+(``recjax.train.tasks.aux_loss_metrics`` does, so every task adds them without importing this module).
+``ffn.forward(x, mask)`` returns ``(y, aux)`` and sows nothing.
 ``mesh=...`` runs the experts expert-parallel (``recjax.layers.moe_dispatch``).
 
 Router: logits = x W_r in float32, softmax over E, top-k; the k weights are renormalised to sum to 1
@@ -28,12 +27,11 @@ Letters: L tokens, D model dim, F expert hidden dim, E experts, K top-k.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import errors, nnx
+from flax import nnx
 
 from recjax import validation
 from recjax.layers import moe_dispatch
@@ -77,14 +75,6 @@ class Routing(NamedTuple):
     load_balance_loss: jax.Array
     z_loss: jax.Array
     load_E: jax.Array  # float32 tokens per expert (valid tokens only)
-
-
-class MoEAuxLoss(nnx.Variable):
-    """Weighted router loss (balance + z) of the layer's last call; not a trained parameter."""
-
-
-class MoEStats(nnx.Variable):
-    """Logging statistics of the last call (per-expert load)."""
 
 
 def route(
@@ -147,8 +137,6 @@ class MoEFeedForward(nnx.Module):
             else None
         )
         self.w_down = nnx.Param(init(f**-0.5)(rngs.params(), (e, f, d), jnp.float32))
-        self.aux_loss = MoEAuxLoss(jnp.zeros((), jnp.float32))
-        self.expert_load = MoEStats(jnp.zeros((e,), jnp.float32))
         del cfg
 
     def forward(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -198,21 +186,6 @@ class MoEFeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         y, aux = self.forward(x, mask)
-        try:
-            self.aux_loss[...] = aux["aux_loss"]
-            self.expert_load[...] = aux["expert_load"]
-        except errors.TraceContextError:
-            # e.g. a trainer that merges the model without copy=True inside its jax.grad: the forward still
-            # works, but the router loss of this call is not recorded (and collect_aux_loss misses it)
-            warnings.warn(
-                "MoEFeedForward: aux loss not stored (variable of another trace level); merge the model with"
-                " nnx.merge(graphdef, params, rest, copy=True) inside the traced loss, or call ffn.forward()",
-                stacklevel=2,
-            )
+        self.sow(nnx.Intermediate, "aux_loss", aux["aux_loss"])
+        self.sow(nnx.Intermediate, "expert_load", aux["expert_load"])
         return y
-
-
-def collect_aux_loss(model: nnx.Module) -> jax.Array:
-    """Sum of the router aux losses stored by every MoE layer of ``model`` during its last call."""
-    leaves = jax.tree.leaves(nnx.state(model, MoEAuxLoss))
-    return sum(leaves, jnp.zeros((), jnp.float32))

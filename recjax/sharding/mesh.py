@@ -1,15 +1,21 @@
-"""Device mesh and the shardings the trainer uses: data parallel over a ``data`` axis, parameters replicated.
+"""Device mesh and the shardings the trainer uses: data parallel over a ``data`` axis, parameters placed
+by logical-axis rules.
 
-Logical axes map to mesh axes through rules so larger systems (expert, model parallel) add entries instead of
-new code paths. Multi-host runs call ``jax.distributed.initialize()`` before building the mesh.
+A parameter declares its logical axes as variable metadata, ``nnx.Param(value, logical_axes=("vocab",
+"embed"))``; :func:`variable_shardings` maps them through ``rules`` (logical name -> mesh axis or None) to
+``NamedSharding``s. Parameters without ``logical_axes`` and axes whose rule names no axis of the mesh are
+replicated, so sharding embedding rows or experts is a rule change (``{"vocab": "data"}``), not a new code
+path. Multi-host runs call ``jax.distributed.initialize()`` before building the mesh.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 DEFAULT_RULES: Mapping[str, str | None] = {"batch": "data", "embed": None, "vocab": None, "expert": "expert"}
@@ -35,6 +41,25 @@ def logical_to_spec(
         target = rules.get(axis) if axis is not None else None
         out.append(target if names is None or target in names else None)
     return PartitionSpec(*out)
+
+
+def variable_shardings(
+    state: Any, mesh: jax.sharding.Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES
+) -> Any:
+    """A pytree like ``state`` (an ``nnx.State`` or any pytree of arrays / Variables) of ``NamedSharding``s:
+    each Variable's ``logical_axes`` metadata through ``rules``; everything else replicated."""
+
+    def one(x):
+        axes = x.get_metadata().get("logical_axes") if isinstance(x, nnx.Variable) else None
+        if axes is not None and len(axes) != np.ndim(x[...]):
+            raise ValueError(
+                f"logical_axes {axes}: expected one name per dimension of shape {np.shape(x[...])}"
+            )
+        spec = logical_to_spec(tuple(axes), rules, mesh) if axes is not None else PartitionSpec()
+        sharding = NamedSharding(mesh, spec)
+        return x.replace(sharding) if isinstance(x, nnx.Variable) else sharding
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

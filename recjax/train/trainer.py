@@ -1,16 +1,24 @@
-"""One trainer for every sequential model: pure jitted train step over ``nnx.split`` state, AdamW, Orbax
-checkpoints with exact resume, JSONL + TensorBoard metrics, per-epoch validation with early stopping, and a
-final test evaluation of the best parameters. Data parallel over a 1-d ``data`` mesh (parameters
-replicated, batches split), giving the same numbers as one device up to float reduction order.
+"""One trainer for every system. A task (``recjax.train.tasks``) brings the loss, the batches, the evaluation
+and the early-stopping metric; the trainer owns a typed ``TrainState`` (params, non-parameter module state,
+optimizer state, RNG key, step, task state), one jitted step with donated state and in/out shardings from
+the logical-axis rules (``recjax.sharding.mesh.variable_shardings``), Orbax checkpoints with exact resume,
+JSONL + TensorBoard metrics, per-epoch validation with early stopping, and the final test evaluation of the
+best parameters.
 
-Resume is exact: the checkpoint holds parameters, optimizer state, RNG keys, the step and the data position
-(epoch, batch index); the epoch's batch order is a pure function of (seed, epoch). A run killed with SIGKILL
-and restarted with the same config and workdir reaches the same metrics as an uninterrupted run.
+Memory: the state is donated to the step (updated in place), and the best-parameters copy lives on the
+host (numpy), so device memory holds one set of params + optimizer state (measured in benchmarks/RESULTS.md,
+"Trainer state memory"). Data parallel over the ``data`` mesh axis: batches are split, parameters placed by
+the rules (replicated unless a rule shards one of their logical axes).
 
-Raw IDs: ``id_remapper=`` (``recjax.train.remap_hook``; e.g. ``recjax.embeddings.zch_remap.ItemIdRemapper``)
-maps the batches' raw item IDs to rows inside the jitted train step (resetting re-assigned rows and their
-optimizer state), evaluates through the read-only remap, keeps the remap state (and per-epoch counters) in
-the checkpointed trainer state and logs its rates under ``remap/``. ``None`` (default): unchanged behaviour.
+Resume is exact: the checkpoint holds the ``TrainState``, the data position (epoch, batch index), the
+early-stopping state and the best copy; the epoch's batch order is a pure function of (seed, epoch). A run
+killed with SIGKILL and restarted with the same config and workdir reaches the same metrics as an
+uninterrupted run.
+
+Non-finite steps: a step whose loss or gradient norm is not finite never changes the state (the step keeps
+the old state); ``TrainConfig.nonfinite="error"`` (default) then stops training with an error naming the
+step, ``"skip"`` goes on and counts the skipped steps (``train/skipped_steps``). The check reads each step's
+flag one step late, so the host never waits for the step it just dispatched.
 """
 
 from __future__ import annotations
@@ -19,32 +27,23 @@ import dataclasses
 import json
 import pathlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+from flax import nnx, struct
 from tqdm.auto import tqdm
 
-from recjax.data import batching
-from recjax.data.splits import LeaveOneOut
 from recjax.eval import ranking
-from recjax.layers.moe import MoEStats, collect_aux_loss
 from recjax.sharding import mesh as mesh_lib
-from recjax.train import losses, remap_hook
 from recjax.train.checkpoint import Checkpointer
 from recjax.train.metric_writer import MetricWriter
+from recjax.train.tasks import LossConfig, Task
 
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    name: str = "sampled_softmax"  # or "bce"
-    num_negatives: int = 128
-    negatives: str = "uniform"  # or "in_batch"
-    temperature: float = 0.05
+NONFINITE_MODES = ("error", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,30 +57,38 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip_norm: float = 0.0  # 0 disables clipping
     seed: int = 0
-    eval_every_epochs: int = 1
+    eval_every_epochs: int = 1  # 0: no validation (no early stopping; the last parameters are "best")
     patience: int = 10  # validations without improvement before stopping; 0 disables early stopping
     early_stop_metric: str = "ndcg@10"
-    checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
+    checkpoint_every_steps: int = 0  # 0: none inside an epoch
+    checkpoint_every_epochs: int = 1  # 0: none at epoch ends (both 0: checkpoints off)
     eval_batch_size: int = 256
     ks: tuple[int, ...] = ranking.DEFAULT_KS
     num_devices: int = 0  # 0: all local devices
-    topk_impl: str = "auto"
+    eval_impl: str = "auto"  # recjax.eval.ranking.IMPLS: how evaluation computes the score matrix
     progress: bool = True
+    nonfinite: str = "error"  # or "skip"; see the module docstring
+    donate: bool = True  # donate the state to the step (False only to measure what donation saves)
     loss: LossConfig = LossConfig()
 
     def __post_init__(self):
-        for name in ("batch_size", "num_epochs", "eval_batch_size", "eval_every_epochs"):
+        for name in ("batch_size", "num_epochs", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name}: expected > 0, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
+        for name in ("eval_every_epochs", "patience", "checkpoint_every_steps", "checkpoint_every_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
             raise ValueError(f"train.learning_rate: expected > 0, got {self.learning_rate}")
+        if self.nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"train.nonfinite: expected one of {NONFINITE_MODES}, got {self.nonfinite!r}")
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"train.ks: expected cutoffs >= 1, got {self.ks}")
         metrics = ["mrr"] + [f"{m}@{k}" for k in self.ks for m in ("hr", "ndcg")]
         if self.early_stop_metric not in metrics:
             raise ValueError(
                 f"train.early_stop_metric: expected one of {metrics}, got {self.early_stop_metric!r}"
             )
-        if self.loss.name not in ("sampled_softmax", "bce"):
-            raise ValueError(f"train.loss.name: expected 'sampled_softmax' or 'bce', got {self.loss.name!r}")
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -93,69 +100,56 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def _loss(cfg: LossConfig, model, batch, rng):
-    hidden = model(batch["inputs"], batch["mask"])
-    table = model.item_embeddings()
-    if cfg.name == "bce":
-        loss, metrics = losses.bce_loss(hidden, batch["targets"], batch["mask"], table, rng)
-    else:
-        loss, metrics = losses.sampled_softmax_loss(
-            hidden,
-            batch["targets"],
-            batch["mask"],
-            table,
-            rng,
-            num_negatives=cfg.num_negatives,
-            negatives=cfg.negatives,
-            temperature=cfg.temperature,
-            l2_normalize=model.config.l2_normalize,
+@struct.dataclass
+class TrainState:
+    """Everything the jitted step reads and writes; donated to it."""
+
+    params: Any  # nnx.State of nnx.Param
+    rest: Any  # nnx.State of the other module variables (dropout RNG counters, ...)
+    opt_state: Any
+    rng: jax.Array  # typed PRNG key; the step's key is fold_in(rng, step)
+    step: jax.Array  # int32 scalar
+    task_state: Any  # the task's own pytree (e.g. an ID remapper's table), {} by default
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, task: Task, optimizer: optax.GradientTransformation
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The pure step ``(state, batch) -> (state, metrics)`` (not jitted: the Trainer jits it with shardings
+    and donation). A non-finite loss or gradient norm keeps the old state (``metrics["finite"]`` False)."""
+
+    def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        params, opt_state, task_state, batch, pre_metrics = task.prepare(
+            state.params, state.opt_state, state.task_state, batch, rng, state.step
         )
-    # Router load-balancing + z losses stored by MoE feed-forward layers during this forward (0 without MoE).
-    aux = collect_aux_loss(model)
-    metrics = {**metrics, "moe_aux_loss": aux}
-    loads = [x.reshape(-1) for x in jax.tree.leaves(nnx.state(model, MoEStats))]
-    if loads:  # expert balance: busiest expert's assignments over the mean, worst layer (1 = perfect)
-        metrics["moe_max_load_ratio"] = jnp.max(
-            jnp.stack([jnp.max(x) / jnp.maximum(jnp.mean(x), 1e-9) for x in loads])
-        )
-    return loss + aux, metrics
-
-
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_cfg: LossConfig) -> Callable:
-    """(params, rest, opt_state, batch, rng) -> (params, rest, opt_state, metrics); pure and jitted."""
-
-    @jax.jit
-    def train_step(params, rest, opt_state, batch, rng):
         # Merge in the jit trace and differentiate with nnx.value_and_grad w.r.t. Params only: non-Param
-        # state (dropout RNG counters) is then mutated in the trace it lives in (merging inside jax.grad
-        # raises TraceContextError in flax 0.12).
-        model = nnx.merge(graphdef, params, rest)
+        # state (dropout RNG counters) is then mutated in the trace it lives in.
+        model = nnx.merge(graphdef, params, state.rest)
         (loss, metrics), grads = nnx.value_and_grad(
-            lambda m: _loss(loss_cfg, m, batch, rng), argnums=nnx.DiffState(0, nnx.Param), has_aux=True
+            lambda m: task.loss(m, batch, rng), argnums=nnx.DiffState(0, nnx.Param), has_aux=True
         )(model)
-        _, _, new_rest = nnx.split(model, nnx.Param, ...)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return params, new_rest, opt_state, metrics
+        _, _, rest = nnx.split(model, nnx.Param, ...)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    return train_step
+        def keep(new, old):  # a non-finite step changes nothing
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
+        new = TrainState(
+            params=keep(new_params, state.params),
+            rest=keep(rest, state.rest),
+            opt_state=keep(new_opt_state, state.opt_state),
+            rng=state.rng,
+            step=state.step + 1,
+            task_state=keep(task_state, state.task_state),
+        )
+        metrics = {**metrics, **pre_metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite}
+        return new, metrics
 
-def make_query_fn(graphdef_eval) -> Callable:
-    """Jitted (params, rest, inputs_BxL, mask_BxL) -> queries_BxD, built once per trainer."""
-
-    @jax.jit
-    def query(params, rest, inputs, mask):
-        model = nnx.merge(graphdef_eval, params, rest)
-        return model.user_embedding(model(inputs, mask))
-
-    return query
-
-
-def item_table(graphdef_eval, params, rest) -> jax.Array:
-    model = nnx.merge(graphdef_eval, params, rest)
-    return model.candidate_embeddings()
+    return step_fn
 
 
 def _is_key(x) -> bool:
@@ -175,231 +169,249 @@ def _from_storable(stored, like):
     )
 
 
+def _host_copy(tree):
+    """A numpy copy (never a view of a device buffer that a donated step may overwrite)."""
+    return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+
+
+def _distinct_buffers(tree):
+    """Copies leaves that share a buffer with an earlier leaf (e.g. one zeros array used twice in a task's
+    initial state): a donated argument may not hold the same buffer twice."""
+    seen: set[int] = set()
+
+    def one(x):
+        if not isinstance(x, jax.Array) or not x.addressable_shards:
+            return x
+        ptr = x.addressable_shards[0].data.unsafe_buffer_pointer()
+        if ptr in seen:
+            return jnp.array(x, copy=True)
+        seen.add(ptr)
+        return x
+
+    return jax.tree.map(one, tree)
+
+
+# The host-side loop position and early-stopping state, checkpointed beside the TrainState.
+_LOOP_INT = ("epoch", "batch", "best_epoch", "since_best", "stopped", "skipped_steps")
+
+
 class Trainer:
-    """Trains ``model`` on a leave-one-out split; see module docstring."""
+    """Trains ``model`` on ``task``; see the module docstring.
+
+    ``optimizer`` defaults to ``make_optimizer(cfg)`` (AdamW with optional warmup and clipping);
+    ``rules`` maps logical axis names to mesh axes (``recjax.sharding.mesh.DEFAULT_RULES``)."""
 
     def __init__(
         self,
         model: nnx.Module,
-        split: LeaveOneOut,
+        task: Task,
         cfg: TrainConfig,
         workdir: str | pathlib.Path,
         *,
-        max_len: int,
-        batch_iter: Callable[..., Iterator[dict]] | None = None,
-        id_remapper: remap_hook.IdRemapper | None = None,
+        optimizer: optax.GradientTransformation | None = None,
+        rules: Mapping[str, str | None] = mesh_lib.DEFAULT_RULES,
     ):
-        self.cfg, self.split, self.max_len = cfg, split, max_len
+        self.cfg, self.task = cfg, task
         self.workdir = pathlib.Path(workdir)
         self.mesh = mesh_lib.make_mesh(cfg.num_devices or None)
         n_dev = self.mesh.shape["data"]
         for name in ("batch_size", "eval_batch_size"):
             if getattr(cfg, name) % n_dev:
                 raise ValueError(f"train.{name}: {getattr(cfg, name)} is not divisible by {n_dev} devices")
-        self.batch_iter = batch_iter or batching.batches
-        self.train_examples = split.train_examples(max_len)
-        self.valid_examples = split.eval_examples("valid", max_len)
-        self.test_examples = split.eval_examples("test", max_len)
+        if task.early_stop_metric not in task.metric_names():
+            raise ValueError(
+                f"early_stop_metric: {task.early_stop_metric!r} is not one of the task's metrics "
+                f"{list(task.metric_names())}"
+            )
+        task.attach(self.mesh)
+        task.check_model(model)
         model.train()
         self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         model.eval()
         self.graphdef_eval = nnx.split(model, nnx.Param, ...)[0]
         model.train()
-        self.optimizer = make_optimizer(cfg)
-        self.train_step = make_train_step(self.graphdef, self.optimizer, cfg.loss)
-        self.query = make_query_fn(self.graphdef_eval)
+        self.optimizer = optimizer or make_optimizer(cfg)
+
         repl = mesh_lib.replicated(self.mesh)
-        params, rest = jax.device_put((params, rest), repl)
-        self.id_remapper = id_remapper
-        if id_remapper is not None:
-            rows = item_table(self.graphdef_eval, params, rest).shape[0]
-            if rows != id_remapper.num_rows:
-                raise ValueError(
-                    f"id_remapper: the model has {rows} item rows, the remapper maps to "
-                    f"{id_remapper.num_rows} (build the model with num_items = remapper.num_items)"
-                )
-            self.remap_step = remap_hook.make_remapped_train_step(self.train_step, id_remapper, self.mesh)
-            self.eval_remap = remap_hook.make_eval_remap(id_remapper, self.mesh)
-        self.state = {
-            "params": params,
-            "rest": rest,
-            # Committed to the mesh like the parameters: restored arrays are committed, and a restored
-            # scalar left on one device would not mix with replicated parameters in the jitted step.
-            "opt_state": jax.device_put(self.optimizer.init(params), repl),
-            "rng": jax.device_put(jax.random.key(cfg.seed), repl),
-            "step": 0,
-            "epoch": 0,
-            "batch": 0,
-            "best_metric": -np.inf,
-            "best_epoch": -1,
-            "since_best": 0,
-            "stopped": 0,
-            "best_params": params,
-        }
-        if id_remapper is not None:  # remap state of the current and of the best parameters, epoch counters
-            remap_state = jax.device_put(id_remapper.init_state(), repl)
-            self.state.update(
-                remap_state=remap_state,
-                best_remap_state=remap_state,
-                remap_totals=jax.device_put(remap_hook.init_totals(id_remapper), repl),
-            )
+        params = jax.device_put(params, mesh_lib.variable_shardings(params, self.mesh, rules))
+        rest = jax.device_put(rest, repl)
+        # Adam's moments get their parameters' shardings by propagation through init; what nothing
+        # propagates to (step counts) is replicated.
+        opt_state = jax.tree.map(
+            lambda x: x if getattr(x.sharding, "mesh", None) == self.mesh else jax.device_put(x, repl),
+            jax.jit(self.optimizer.init)(params),
+        )
+        state = TrainState(
+            params=params,
+            rest=rest,
+            opt_state=opt_state,
+            rng=jax.device_put(jax.random.key(cfg.seed), repl),
+            step=jax.device_put(jnp.zeros((), jnp.int32), repl),
+            task_state=jax.device_put(task.init_state(params), repl),
+        )
+        state = _distinct_buffers(state)
+        self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
+        self.train_step = jax.jit(
+            make_train_step(self.graphdef, task, self.optimizer),
+            in_shardings=(self.state_shardings, mesh_lib.batch_sharding(self.mesh)),
+            out_shardings=(self.state_shardings, repl),
+            donate_argnums=(0,) if cfg.donate else (),
+        )
+        self.state = state
+        self.loop = {k: 0 for k in _LOOP_INT} | {"best_metric": -np.inf, "best_epoch": -1}
+        self.best = _host_copy({"params": params, "task_state": state.task_state})
         self.checkpointer = Checkpointer(self.workdir / "checkpoints")
+        self.resumed_from = None
         if self.checkpointer.latest_step() is not None:
-            stored = self.checkpointer.restore(_to_storable(self.state))
-            self.state = _from_storable(stored, self.state)
-            self.state = {
-                k: (
-                    int(v)
-                    if k in ("step", "epoch", "batch", "best_epoch", "since_best", "stopped")
-                    else float(v)
-                    if k == "best_metric"
-                    else v
-                )
-                for k, v in self.state.items()
-            }
-            self.resumed_from = self.state["step"]
-        else:
-            self.resumed_from = None
+            self._restore()
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def _checkpoint_tree(self) -> dict:
+        return {"state": _to_storable(self.state), "loop": dict(self.loop), "best": self.best}
+
+    def _save(self) -> None:
+        self.checkpointer.save(int(self.loop_step), self._checkpoint_tree(), force=True)
+
+    def _restore(self) -> None:
+        stored = self.checkpointer.restore(self._checkpoint_tree())
+        self.state = _distinct_buffers(_from_storable(stored["state"], self.state))
+        loop = stored["loop"]
+        self.loop = {k: int(loop[k]) for k in _LOOP_INT} | {"best_metric": float(loop["best_metric"])}
+        self.best = _host_copy(stored["best"])
+        self.resumed_from = int(self.state.step)
+
+    @property
+    def loop_step(self) -> int:
+        return int(self.state.step)
 
     # -- evaluation -------------------------------------------------------------------------------------
-    def evaluate(self, which: str, params=None, remap_state=None) -> dict[str, float]:
-        """Metrics on ``which`` ("valid" | "test"). Defaults: the current (valid) or best (test) parameters
-        and, with an ``id_remapper``, the remap state saved with them. With an ``id_remapper`` pass
-        ``params`` and ``remap_state`` together (the state that trained those parameters) or neither."""
-        if self.id_remapper is not None and (params is None) != (remap_state is None):
+    def eval_model(self, params: Any = None) -> nnx.Module:
+        """The eval-mode module with ``params`` (default: the current parameters)."""
+        params = self.state.params if params is None else params
+        return nnx.merge(self.graphdef_eval, params, self.state.rest)
+
+    def evaluate(self, split: str, params: Any = None, task_state: Any = None) -> dict[str, float]:
+        """The task's metrics on ``split``. Defaults: the current parameters for "valid", the best for
+        "test", each with the task state saved with them; pass ``params`` and ``task_state`` together (the
+        state that trained those parameters, e.g. an ID remapper's table) or neither."""
+        self.task.check_split(split)
+        if (params is None) != (task_state is None) and jax.tree.leaves(self.state.task_state):
             raise ValueError(
-                "params / remap_state: with an id_remapper pass both (the remap state that trained these "
-                f"params) or neither, got params={'None' if params is None else 'given'}, "
-                f"remap_state={'None' if remap_state is None else 'given'}"
+                "params / task_state: pass both (the task state that trained these params) or neither, got "
+                f"params={'None' if params is None else 'given'}, "
+                f"task_state={'None' if task_state is None else 'given'}"
             )
-        params = self.state["best_params" if which == "test" else "params"] if params is None else params
-        examples = self.valid_examples if which == "valid" else self.test_examples
-        batches = (
-            mesh_lib.shard_batch(b, self.mesh)
-            for b in batching.batches(examples, self.cfg.eval_batch_size, shuffle=False)
-        )
-        rest = self.state["rest"]
-        query_fn = lambda b: self.query(params, rest, b["inputs"], b["mask"])  # noqa: E731
-        if self.id_remapper is not None:
-            if remap_state is None:
-                remap_state = self.state["best_remap_state" if which == "test" else "remap_state"]
-            step = self.state["step"]
-            return remap_hook.evaluate_remapped(
-                query_fn,
-                item_table(self.graphdef_eval, params, rest),
-                (self.eval_remap(remap_state, b, step) for b in batches),
-                ks=self.cfg.ks,
-                impl=self.cfg.topk_impl,
-            )
-        return ranking.evaluate(
-            query_fn,
-            item_table(self.graphdef_eval, params, rest),
-            batches,
-            ks=self.cfg.ks,
-            impl=self.cfg.topk_impl,
-        )
-
-    def remap_rates(self) -> dict[str, float]:
-        """The remapper's rates over the current (or last finished) epoch's ID occurrences."""
-        s = self.state
-        rates = self.id_remapper.rates(s["remap_totals"], s["remap_state"])
-        return {k: float(v) for k, v in jax.device_get(rates).items()}
-
-    def _save(self):
-        self.checkpointer.save(self.state["step"], _to_storable(self.state), force=True)
+        if params is None:
+            if split == "test":
+                params = jax.device_put(self.best["params"], self.state_shardings.params)
+                task_state = jax.device_put(self.best["task_state"], self.state_shardings.task_state)
+            else:
+                params, task_state = self.state.params, self.state.task_state
+        return self.task.evaluate(self.eval_model(params), split, task_state)
 
     # -- training ---------------------------------------------------------------------------------------
+    def _check_finite(self, step: int, metrics: dict) -> None:
+        if bool(metrics["finite"]):
+            return
+        if self.cfg.nonfinite == "skip":
+            self.loop["skipped_steps"] += 1
+            return
+        m = jax.device_get(metrics)
+        raise FloatingPointError(
+            f"training step {step}: non-finite loss {float(m['loss'])} / gradient norm "
+            f"{float(m['grad_norm'])}; the state before it is kept (last checkpoint: step "
+            f"{self.checkpointer.latest_step()}). Lower train.learning_rate, clip gradients "
+            "(train.grad_clip_norm) or set train.nonfinite='skip'"
+        )
+
+    def _validate(self, writer: MetricWriter, epoch: int) -> None:
+        cfg, lp = self.cfg, self.loop
+        valid = self.evaluate("valid", self.state.params, self.state.task_state)
+        writer.write(self.loop_step, {**valid, "epoch": epoch}, prefix="valid/")
+        metric = self.task.early_stop_metric
+        score = valid[metric]
+        params_finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(self.state.params))
+        if params_finite and score > lp["best_metric"]:
+            lp.update(best_metric=float(score), best_epoch=epoch, since_best=0)
+            self.best = _host_copy({"params": self.state.params, "task_state": self.state.task_state})
+        else:
+            lp["since_best"] += 1
+        lp["stopped"] = int(bool(cfg.patience) and lp["since_best"] >= cfg.patience)
+        if cfg.progress:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in valid.items() if k != metric)
+            tqdm.write(
+                f"epoch {epoch}: valid {metric}={score:.4f} (best {lp['best_metric']:.4f} @ "
+                f"{lp['best_epoch']}) {shown}"
+            )
+
     def fit(self) -> dict[str, Any]:
-        cfg, s = self.cfg, self.state
+        cfg, task, lp = self.cfg, self.task, self.loop
         writer = MetricWriter(self.workdir)
-        n_examples = len(self.train_examples["inputs"])
-        steps_per_epoch = batching.num_batches(n_examples, cfg.batch_size, drop_remainder=False)
+        steps_per_epoch = task.num_train_batches()
         t_start, epoch_times = time.time(), []
-        while s["epoch"] < cfg.num_epochs and not s["stopped"]:
-            epoch, t_epoch = s["epoch"], time.time()
-            it = self.batch_iter(
-                self.train_examples,
-                cfg.batch_size,
-                shuffle=True,
-                seed=cfg.seed,
-                epoch=epoch,
-                drop_remainder=False,
-            )
+        while lp["epoch"] < cfg.num_epochs and not lp["stopped"]:
+            epoch, t_epoch = lp["epoch"], time.time()
+            if lp["batch"] == 0:  # a new epoch: its task counters start at zero
+                task_state = _distinct_buffers(task.start_epoch(self.state.task_state))
+                self.state = self.state.replace(task_state=task_state)
             bar = tqdm(
-                total=steps_per_epoch,
-                initial=s["batch"],
-                desc=f"epoch {epoch}",
-                disable=not cfg.progress,
+                total=steps_per_epoch, initial=lp["batch"], desc=f"epoch {epoch}", disable=not cfg.progress,
                 leave=False,
-            )
-            for i, batch in enumerate(it):
-                if i < s["batch"]:  # resuming inside an epoch: skip the batches already trained on
+            )  # fmt: skip
+            step = self.loop_step
+            pending: tuple[int, dict] | None = None
+            for i, batch in enumerate(task.train_batches(epoch, cfg.seed)):
+                if i < lp["batch"]:  # resuming inside an epoch: skip the batches already trained on
                     continue
-                rng = jax.random.fold_in(s["rng"], s["step"])
-                if self.id_remapper is None:
-                    s["params"], s["rest"], s["opt_state"], metrics = self.train_step(
-                        s["params"], s["rest"], s["opt_state"], mesh_lib.shard_batch(batch, self.mesh), rng
-                    )
-                else:
-                    if i == 0:  # a new epoch: its counters start at zero
-                        s["remap_totals"] = jax.tree.map(jnp.zeros_like, s["remap_totals"])
-                    (s["params"], s["rest"], s["opt_state"], s["remap_state"], s["remap_totals"], metrics) = (
-                        self.remap_step(
-                            s["params"],
-                            s["rest"],
-                            s["opt_state"],
-                            s["remap_state"],
-                            s["remap_totals"],
-                            mesh_lib.shard_batch(batch, self.mesh),
-                            rng,
-                            s["step"],
-                        )
-                    )
-                s["step"] += 1
-                s["batch"] = i + 1
+                self.state, metrics = self.train_step(self.state, mesh_lib.shard_batch(batch, self.mesh))
+                if pending is not None:  # one step late: the host does not wait for this step
+                    self._check_finite(*pending)
+                pending = (step, metrics)
+                step += 1
+                lp["batch"] = i + 1
                 bar.update(1)
-                if s["step"] % 50 == 0:
-                    writer.write(s["step"], jax.device_get(metrics), prefix="train/")
-                if cfg.checkpoint_every_steps and s["step"] % cfg.checkpoint_every_steps == 0:
+                if step % 50 == 0:
+                    writer.write(step, jax.device_get(metrics), prefix="train/")
+                if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
+                    self._check_finite(*pending)
                     self._save()
+            if pending is not None:
+                self._check_finite(*pending)
+            jax.block_until_ready(self.state)  # the epoch's time includes its device work
             bar.close()
             epoch_times.append(time.time() - t_epoch)
-            s["epoch"], s["batch"] = epoch + 1, 0
-            if self.id_remapper is not None:
-                writer.write(s["step"], {**self.remap_rates(), "epoch": epoch + 1}, prefix="remap/")
-            if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.num_epochs:
-                valid = self.evaluate("valid", s["params"], s.get("remap_state"))
-                writer.write(s["step"], {**valid, "epoch": epoch + 1}, prefix="valid/")
-                score = valid[cfg.early_stop_metric]
-                if score > s["best_metric"]:
-                    s.update(best_metric=score, best_epoch=epoch + 1, since_best=0, best_params=s["params"])
-                    if self.id_remapper is not None:
-                        s["best_remap_state"] = s["remap_state"]
-                else:
-                    s["since_best"] += 1
-                s["stopped"] = int(bool(cfg.patience) and s["since_best"] >= cfg.patience)
-                if cfg.progress:
-                    tqdm.write(
-                        f"epoch {epoch + 1}: valid {cfg.early_stop_metric}={score:.4f} "
-                        f"hr@10={valid['hr@10']:.4f} (best {s['best_metric']:.4f} @ {s['best_epoch']})"
-                    )
-            self._save()
-        test = self.evaluate("test")
-        writer.write(s["step"], test, prefix="test/")
+            lp["epoch"], lp["batch"] = epoch + 1, 0
+            extra = task.epoch_metrics(self.state.task_state)
+            writer.write(
+                step, {**extra, "epoch": epoch + 1, "skipped_steps": lp["skipped_steps"]}, prefix="epoch/"
+            )
+            if cfg.eval_every_epochs and (
+                (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.num_epochs
+            ):
+                self._validate(writer, epoch + 1)
+            elif not cfg.eval_every_epochs:  # no validation: the last parameters are the ones tested
+                lp["best_epoch"] = epoch + 1
+                self.best = _host_copy({"params": self.state.params, "task_state": self.state.task_state})
+            if cfg.checkpoint_every_epochs and (
+                (epoch + 1) % cfg.checkpoint_every_epochs == 0 or epoch + 1 == cfg.num_epochs or lp["stopped"]
+            ):
+                self._save()
+        test = self.evaluate("test") if "test" in task.splits else {}
+        writer.write(self.loop_step, test, prefix="test/")
         writer.close()
         result = {
             "test": test,
-            "best_valid": s["best_metric"],
-            "best_epoch": s["best_epoch"],
-            "epochs": s["epoch"],
-            "steps": s["step"],
-            "stopped_early": bool(s["stopped"]),
+            "best_valid": lp["best_metric"],
+            "best_epoch": lp["best_epoch"],
+            "epochs": lp["epoch"],
+            "steps": self.loop_step,
+            "skipped_steps": lp["skipped_steps"],
+            "stopped_early": bool(lp["stopped"]),
             "wall_s": time.time() - t_start,
             "s_per_epoch": float(np.median(epoch_times)) if epoch_times else float("nan"),
             "devices": f"{self.mesh.shape['data']} x {jax.devices()[0].platform}",
             "resumed_from_step": self.resumed_from,
+            "last_epoch": task.epoch_metrics(self.state.task_state),
         }
-        if self.id_remapper is not None:
-            result["remap_last_epoch"] = self.remap_rates()
         (self.workdir / "results.json").write_text(json.dumps(result, indent=2))
         return result

@@ -17,6 +17,7 @@ from experiments.train_lib import run_experiment, train_config
 from recjax.data import synthetic
 from recjax.data.splits import leave_one_out
 from recjax.models.registry import build_model
+from recjax.train.tasks import NextItemTask, next_item_loss
 from recjax.train.trainer import Trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -36,9 +37,9 @@ def _trainer(tmp_path, num_devices, epochs=1):
         rngs=nnx.Rngs(params=0, dropout=1),
         **model_cfg,
     )
-    return Trainer(
-        model, leave_one_out(ds), train_config(config.train), tmp_path, max_len=config.data.max_len
-    )
+    tcfg = train_config(config.train)
+    task = NextItemTask.from_config(leave_one_out(ds), tcfg, max_len=config.data.max_len)
+    return Trainer(model, task, tcfg, tmp_path)
 
 
 def _one_step(trainer):
@@ -47,21 +48,22 @@ def _one_step(trainer):
 
     from recjax.data import batching
     from recjax.sharding import mesh as mesh_lib
-    from recjax.train.trainer import _loss
 
     batch = mesh_lib.shard_batch(
-        next(batching.batches(trainer.train_examples, 64, shuffle=True, seed=0, epoch=0)), trainer.mesh
+        next(batching.batches(trainer.task.train_examples, 64, shuffle=True, seed=0, epoch=0)), trainer.mesh
     )
-    s, key = trainer.state, jax.random.key(3)
-    _, _, _, metrics = trainer.train_step(s["params"], s["rest"], s["opt_state"], batch, key)
+    s = trainer.state
+    key = jax.random.fold_in(s.rng, s.step)  # the key the step uses
+    params, rest = jax.device_get((s.params, s.rest))  # the step donates its state
+    trainer.state, metrics = trainer.train_step(s, batch)  # (one and eight both take this extra step)
 
     @jax.jit
     def grads(params, rest, batch):
         model = nnx.merge(trainer.graphdef, params, rest)
-        loss_fn = lambda m: _loss(trainer.cfg.loss, m, batch, key)[0]  # noqa: E731
+        loss_fn = lambda m: next_item_loss(trainer.cfg.loss, m, batch, key)[0]  # noqa: E731
         return nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param))(model)
 
-    return jax.device_get(grads(s["params"], s["rest"], batch)), jax.device_get(metrics)
+    return jax.device_get(grads(params, rest, batch)), jax.device_get(metrics)
 
 
 def test_data_parallel_matches_single_device(tmp_path):
@@ -158,15 +160,15 @@ def test_moe_feed_forward_trains_with_router_loss(tmp_path):
         ffn_options={"num_experts": 4, "top_k": 2, "impl": "xla"},
         rngs=nnx.Rngs(params=0, dropout=1),
     )
-    trainer = Trainer(model, leave_one_out(ds), train_config(config.train), tmp_path, max_len=20)
-    s = trainer.state
-    batch = next(batching.batches(trainer.train_examples, 64, shuffle=True, seed=0, epoch=0))
-    params, _, _, metrics = trainer.train_step(
-        s["params"], s["rest"], s["opt_state"], mesh_lib.shard_batch(batch, trainer.mesh), jax.random.key(0)
-    )
+    tcfg = train_config(config.train)
+    trainer = Trainer(model, NextItemTask.from_config(leave_one_out(ds), tcfg, max_len=20), tcfg, tmp_path)
+    before = jax.device_get(trainer.state.params)
+    batch = next(batching.batches(trainer.task.train_examples, 64, shuffle=True, seed=0, epoch=0))
+    state, metrics = trainer.train_step(trainer.state, mesh_lib.shard_batch(batch, trainer.mesh))
+    params = jax.device_get(state.params)
     assert float(metrics["moe_aux_loss"]) > 0 and np.isfinite(float(metrics["loss"]))
     assert 1.0 <= float(metrics["moe_max_load_ratio"]) <= 4.0  # 4 experts: at most all tokens on one
-    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), s["params"], params)
+    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), before, params)
     router_moved = [
         v for path, v in jax.tree_util.tree_leaves_with_path(moved) if "router" in jax.tree_util.keystr(path)
     ]
