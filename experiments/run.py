@@ -1,9 +1,13 @@
-"""Train and evaluate one configuration: ``python -m experiments.run --config=experiments/configs/X.py
-[--config.section.key=value ...] [--workdir=runs/NAME]``.
+"""Train and evaluate one configuration: ``python -m experiments.run --config=experiments/configs/X.py[:ARG]
+[--config.section.key=value ...] [--workdir=runs/NAME] [--verbosity=0]``.
 
 Prints a metrics table (test split, best validation epoch) beside the popularity baseline and writes
-``results.json``, ``metrics.jsonl`` and TensorBoard events to the workdir. Re-running with the same workdir
-resumes from its last checkpoint.
+``results.json``, ``metrics.jsonl`` and TensorBoard events (``tensorboard/``) to the workdir. Re-running with
+the same workdir resumes from its last checkpoint.
+
+Config keys and values are checked before any data loads: an unknown key names the closest existing one, a
+bad value names the field. Logging is WARNING and above unless ``--verbosity`` (absl's flag; 0 = INFO) is
+given.
 """
 
 from __future__ import annotations
@@ -12,26 +16,44 @@ import datetime
 import pathlib
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.train_lib import format_table, run_experiment
+from experiments import overrides
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/default.py", "experiment config file"
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default: runs/<config>-<timestamp>)")
+_DEFAULT_CONFIG = "experiments/configs/default.py"
+
+
+def define_flags() -> None:
+    # Defined on demand, after exit_on_unknown_override: config_flags loads the default config (and applies
+    # the --config.* overrides) when the flag is defined.
+    config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "experiment config file[:argument]")
+    flags.DEFINE_string("workdir", None, "output directory (default: runs/<config>-<timestamp>)")
+
+
+def run_name(config_filename: str) -> str:
+    """``experiments/configs/default.py:ml1m`` -> ``default-ml1m`` (the workdir's stem)."""
+    path, _, arg = config_filename.partition(":")
+    return pathlib.Path(path).stem + (f"-{arg}" if arg else "")
 
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    config = _CONFIG.value
-    name = pathlib.Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
-    workdir = _WORKDIR.value or f"runs/{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    print(f"workdir: {workdir}\ncommand: {' '.join(sys.argv)}")
+    overrides.quiet_logging(flags.FLAGS)
+    config = flags.FLAGS.config
+    try:
+        overrides.validate(config)  # fail in a second on a bad value, not after the data loads
+    except (ValueError, TypeError) as e:
+        sys.exit(f"error: invalid config: {e}")
+    from experiments.train_lib import format_table, run_experiment
+
+    name = run_name(config_flags.get_config_filename(flags.FLAGS["config"]))
+    workdir = flags.FLAGS.workdir or f"runs/{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    print(f"workdir: {workdir}\ncommand: {' '.join(sys.argv)}", flush=True)
     print(format_table(run_experiment(config, workdir)))
 
 
 if __name__ == "__main__":
+    overrides.exit_on_unknown_override(sys.argv, default_config=_DEFAULT_CONFIG)
+    define_flags()
     app.run(main)

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -31,20 +32,83 @@ def test_cli_trains_and_prints_table(tmp_path):
         "--config.model.num_blocks=2",
     )
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "| trained |" in p.stdout and "| popularity |" in p.stdout
+    assert "| trained " in p.stdout and "| popularity |" in p.stdout
     assert (tmp_path / "results.json").exists() and (tmp_path / "metrics.jsonl").exists()
     assert list((tmp_path / "tensorboard").iterdir())
+    assert not re.search(r"^I\d{4} ", p.stderr, re.M), p.stderr[-3000:]  # no absl/Orbax INFO by default
 
 
-def test_unknown_config_key_is_rejected(tmp_path):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--config=experiments/configs/synthetic_tiny.py", "--config.model.num_blockz=2"],
+            "unknown config key --config.model.num_blockz: no field 'num_blockz' in model; "
+            "did you mean 'num_blocks'?",
+        ),
+        # The default config is loaded when the flag is defined: the same message without --config.
+        (["--config.train.num_epochz=2"], "did you mean 'num_epochs'?"),
+        (["--config.modell.x=2"], "no field 'modell' in the config; did you mean 'model'?"),
+    ],
+)
+def test_unknown_config_key_names_the_closest(tmp_path, args, message):
+    p = _run("experiments.run", f"--workdir={tmp_path}", *args, timeout=120)
+    assert p.returncode == 1 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+
+
+def test_unknown_sweep_config_key_names_the_closest(tmp_path):
+    p = _run(
+        "experiments.sweep",
+        "--config=experiments/configs/synthetic_tiny.py",
+        "--config.train.lerning_rate=0.1",
+        f"--out={tmp_path}",
+        timeout=120,
+    )
+    assert p.returncode == 1 and "did you mean 'learning_rate'?" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_value_is_rejected_before_the_data_loads(tmp_path):
     p = _run(
         "experiments.run",
         "--config=experiments/configs/synthetic_tiny.py",
-        f"--workdir={tmp_path}",
-        "--config.model.num_blockz=2",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.model.num_heads=3",  # does not divide embed_dim=16: only the model config knows
         timeout=120,
     )
-    assert p.returncode != 0 and "num_blockz" in p.stderr
+    assert p.returncode == 1 and "sasrec.num_heads: expected a divisor of embed_dim=16, got 3" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "run").exists()
+
+
+def test_sweep_bad_value_fails_before_training(tmp_path):
+    p = _run(
+        "experiments.sweep",
+        "--config=experiments/configs/synthetic_tiny.py",
+        "--sweep=model.num_blocks=1,x",
+        f"--out={tmp_path}",
+        timeout=120,
+    )
+    assert p.returncode == 1 and "--sweep model.num_blocks=1,x: 'x' is not an int" in p.stderr
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_format_table_orders_metrics_numerically():
+    from experiments.train_lib import format_table
+
+    names = ["hr@10", "hr@200", "hr@50", "mrr", "ndcg@10", "ndcg@200", "ndcg@50"]  # results.json order
+    results = {
+        "test": {k: 0.5 for k in names},
+        "popularity_test": {k: 0.25 for k in names},
+        "dataset": {"name": "synthetic", "users": 10, "items": 20},
+        "best_epoch": 1,
+        "epochs": 1,
+        "s_per_epoch": 1.0,
+        "wall_s": 2.0,
+        "devices": "1 x cpu",
+    }
+    header, rule, trained, popularity = format_table(results).splitlines()[:4]
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells == ["model", "hr@10", "hr@50", "hr@200", "ndcg@10", "ndcg@50", "ndcg@200", "mrr"]
+    assert len(header) == len(rule) == len(trained) == len(popularity)  # aligned columns
 
 
 def test_sweep_override_parsing():
