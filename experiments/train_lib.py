@@ -42,47 +42,65 @@ def batch_iterator(pipeline: str):
     raise ValueError(f"data.pipeline: expected 'grain' or 'numpy', got {pipeline!r}")
 
 
-def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Trains, evaluates and returns the results dict (also written to ``workdir/results.json``)."""
+def run_experiment(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, allow_change: bool | str = False
+) -> dict[str, Any]:
+    """Trains, evaluates and returns the results dict (also written to ``workdir/results.json``).
+
+    The workdir is locked for the whole run (a second run on it is refused, naming the holder). Its
+    config is stored on the first start; resuming with a different config is refused naming the differing
+    keys unless ``allow_change`` allows them (``True``, or comma-separated keys / prefixes). A workdir that
+    already holds the results of this config is reported, not trained again."""
     from flax import nnx
 
     from recjax.data.splits import leave_one_out
     from recjax.eval import ranking
-    from recjax.models.registry import build_model
+    from recjax.models.registry import build_model, make_config
+    from recjax.train import workdir as workdir_lib
     from recjax.train.tasks import NextItemTask
     from recjax.train.trainer import Trainer
 
+    # Every value is checked before the data loads (a bad one fails in seconds, not after loading).
     tcfg = train_config(config.train)
-    dataset = load_dataset(config.data)
-    split = leave_one_out(dataset)
     model_cfg = config.model.to_dict()
-    model = build_model(
-        model_cfg.pop("name"),
-        dataset.num_items,
-        max_len=config.data.max_len,
-        rngs=nnx.Rngs(params=tcfg.seed, dropout=tcfg.seed + 1),
-        **model_cfg,
-    )
-    task = NextItemTask.from_config(
-        split, tcfg, max_len=config.data.max_len, batch_iter=batch_iterator(config.data.pipeline)
-    )
-    trainer = Trainer(model, task, tcfg, workdir)
-    results = trainer.fit()
-    from recjax.data import batching
+    model_name = model_cfg.pop("name")
+    make_config(model_name, 1, max_len=config.data.max_len, **model_cfg)
+    batch_iter = batch_iterator(config.data.pipeline)
+    config_dict = json.loads(config.to_json_best_effort())
+    with workdir_lib.WorkdirLock(workdir):
+        done = workdir_lib.finished_results(workdir, config_dict)
+        if done is not None:
+            print(f"{workdir}: already finished with this config (results.json); nothing to train")
+            return done
+        changes = workdir_lib.check_resume_config(workdir, config_dict, allow_change=allow_change)
+        if changes:
+            print(workdir_lib.format_changes(changes))
+        dataset = load_dataset(config.data)
+        split = leave_one_out(dataset)
+        model = build_model(
+            model_name,
+            dataset.num_items,
+            max_len=config.data.max_len,
+            rngs=nnx.Rngs(params=tcfg.seed, dropout=tcfg.seed + 1),
+            **model_cfg,
+        )
+        task = NextItemTask.from_config(split, tcfg, max_len=config.data.max_len, batch_iter=batch_iter)
+        results = Trainer(model, task, tcfg, workdir).fit()
+        from recjax.data import batching
 
-    test_batches = batching.batches(task.examples["test"], tcfg.eval_batch_size)
-    results["popularity_test"] = ranking.evaluate_popularity(
-        split.train, dataset.num_items, test_batches, ks=tcfg.ks
-    )
-    results["dataset"] = {
-        "name": dataset.name,
-        "users": dataset.num_users,
-        "items": dataset.num_items,
-        "interactions": dataset.num_interactions,
-    }
-    results["config"] = json.loads(config.to_json_best_effort())
-    pathlib.Path(workdir, "results.json").write_text(json.dumps(results, indent=2, default=str))
-    return results
+        test_batches = batching.batches(task.examples["test"], tcfg.eval_batch_size)
+        results["popularity_test"] = ranking.evaluate_popularity(
+            split.train, dataset.num_items, test_batches, ks=tcfg.ks
+        )
+        results["dataset"] = {
+            "name": dataset.name,
+            "users": dataset.num_users,
+            "items": dataset.num_items,
+            "interactions": dataset.num_interactions,
+        }
+        results["config"] = config_dict
+        workdir_lib.write_json_atomic(pathlib.Path(workdir, workdir_lib.RESULTS_FILE), results)
+        return results
 
 
 def metric_sort_key(name: str) -> tuple:

@@ -78,7 +78,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         "eval_every_epochs": 1,
         "patience": 10,
         "early_stop_metric": "ndcg@10",
-        "checkpoint_every_steps": 0,
+        "checkpoint_every_steps": 0,  # 0: none inside an epoch
+        "checkpoint_every_epochs": 1,  # 0: none at epoch ends (both 0: checkpoints off)
+        "nonfinite": "error",  # a non-finite loss/gradient stops the run naming the step; "skip": count it
+        "donate": True,
         "eval_batch_size": 256,
         "ks": (10, 50, 200),
         "num_devices": 0,

@@ -24,7 +24,6 @@ flag one step late, so the host never waits for the step it just dispatched.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 from collections.abc import Callable, Mapping
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 
 from recjax.eval import ranking
 from recjax.sharding import mesh as mesh_lib
+from recjax.train import workdir as workdir_lib
 from recjax.train.checkpoint import Checkpointer
 from recjax.train.metric_writer import MetricWriter
 from recjax.train.tasks import LossConfig, Task
@@ -213,6 +213,11 @@ class Trainer:
     ):
         self.cfg, self.task = cfg, task
         self.workdir = pathlib.Path(workdir)
+        # One writer per workdir, from before the checkpointer opens (it cleans up unfinished saves) to the
+        # end of fit(); a second run on the same workdir is refused naming the holder.
+        self._lock = workdir_lib.WorkdirLock(self.workdir)
+        self._lock.acquire()
+        self._locked = True
         self.mesh = mesh_lib.make_mesh(cfg.num_devices or None)
         n_dev = self.mesh.shape["data"]
         for name in ("batch_size", "eval_batch_size"):
@@ -260,10 +265,11 @@ class Trainer:
         self.state = state
         self.loop = {k: 0 for k in _LOOP_INT} | {"best_metric": -np.inf, "best_epoch": -1}
         self.best = _host_copy({"params": params, "task_state": state.task_state})
-        self.checkpointer = Checkpointer(self.workdir / "checkpoints")
+        self.checkpointer = Checkpointer(self.workdir / workdir_lib.CHECKPOINT_DIR)
         self.resumed_from = None
-        if self.checkpointer.latest_step() is not None:
+        if self.checkpointer.has_checkpoints():
             self._restore()
+            print(workdir_lib.resume_message(self.resumed_from, self.loop["epoch"], self.loop["batch"]))
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def _checkpoint_tree(self) -> dict:
@@ -345,8 +351,20 @@ class Trainer:
             )
 
     def fit(self) -> dict[str, Any]:
+        """Trains to ``num_epochs`` (or early stopping), evaluates the best parameters on the test split,
+        writes ``results.json`` and releases the workdir."""
+        if not self._locked:
+            self._lock.acquire()
+            self._locked = True
+        try:
+            return self._fit()
+        finally:
+            self._lock.release()
+            self._locked = False
+
+    def _fit(self) -> dict[str, Any]:
         cfg, task, lp = self.cfg, self.task, self.loop
-        writer = MetricWriter(self.workdir)
+        writer = MetricWriter(self.workdir, purge_step=self.resumed_from)
         steps_per_epoch = task.num_train_batches()
         t_start, epoch_times = time.time(), []
         while lp["epoch"] < cfg.num_epochs and not lp["stopped"]:
@@ -396,6 +414,7 @@ class Trainer:
                 (epoch + 1) % cfg.checkpoint_every_epochs == 0 or epoch + 1 == cfg.num_epochs or lp["stopped"]
             ):
                 self._save()
+            writer.flush()  # a killed run keeps every finished epoch's metrics on disk
         test = self.evaluate("test") if "test" in task.splits else {}
         writer.write(self.loop_step, test, prefix="test/")
         writer.close()
@@ -408,10 +427,10 @@ class Trainer:
             "skipped_steps": lp["skipped_steps"],
             "stopped_early": bool(lp["stopped"]),
             "wall_s": time.time() - t_start,
-            "s_per_epoch": float(np.median(epoch_times)) if epoch_times else float("nan"),
+            "s_per_epoch": float(np.median(epoch_times)) if epoch_times else None,  # None: no epoch ran
             "devices": f"{self.mesh.shape['data']} x {jax.devices()[0].platform}",
             "resumed_from_step": self.resumed_from,
             "last_epoch": task.epoch_metrics(self.state.task_state),
         }
-        (self.workdir / "results.json").write_text(json.dumps(result, indent=2))
+        workdir_lib.write_json_atomic(self.workdir / workdir_lib.RESULTS_FILE, result)
         return result

@@ -17,6 +17,7 @@ from experiments.train_lib import run_experiment, train_config
 from recjax.data import synthetic
 from recjax.data.splits import leave_one_out
 from recjax.models.registry import build_model
+from recjax.train.checkpoint import KILL_ENV, committed_steps
 from recjax.train.tasks import NextItemTask, next_item_loss
 from recjax.train.trainer import Trainer
 
@@ -91,8 +92,8 @@ def test_learns_beyond_popularity(tmp_path):
     assert res["test"]["hr@10"] > 1.1 * res["popularity_test"]["hr@10"], res
 
 
-def _cli(workdir, *extra):
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT)}
+def _cli(workdir, *extra, env=None):
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT), **(env or {})}
     cmd = [
         sys.executable,
         "-m",
@@ -100,13 +101,21 @@ def _cli(workdir, *extra):
         "--config=experiments/configs/synthetic_tiny.py",
         f"--workdir={workdir}",
         "--config.train.num_epochs=2",
-        "--config.train.checkpoint_every_steps=4",
+        "--config.train.checkpoint_every_steps=4",  # divides the 16 steps of an epoch: two saves at its end
         "--config.data.pipeline=numpy",
         *extra,
     ]
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+
+
+def _assert_same_results(full, resumed):
+    a = json.loads((full / "results.json").read_text())
+    b = json.loads((resumed / "results.json").read_text())
+    assert b["resumed_from_step"] is not None and b["steps"] == a["steps"]
+    for k in a["test"]:
+        assert b["test"][k] == pytest.approx(a["test"][k], abs=1e-6), k
 
 
 @pytest.mark.slow
@@ -120,7 +129,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     ckpt = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline:  # wait for a mid-run checkpoint (step >= 8), then kill without warning
-        steps = [int(p.name) for p in ckpt.glob("[0-9]*") if p.name.isdigit()] if ckpt.exists() else []
+        steps = [s for s in committed_steps(ckpt) if s is not None]
         if steps and max(steps) >= 8:
             break
         time.sleep(0.05)
@@ -128,17 +137,25 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     killed.communicate()
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed" / "results.json").exists()
-    steps = [int(p.name) for p in ckpt.glob("[0-9]*") if p.name.isdigit()]
+    steps = [s for s in committed_steps(ckpt) if s is not None]
     assert 0 < max(steps) < total_steps, steps
 
     resumed = _cli(tmp_path / "killed")
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
-    a = json.loads((tmp_path / "full" / "results.json").read_text())
-    b = json.loads((tmp_path / "killed" / "results.json").read_text())
-    assert b["resumed_from_step"] is not None and b["steps"] == a["steps"]
-    for k in a["test"]:
-        assert b["test"][k] == pytest.approx(a["test"][k], abs=1e-6), k
+    assert "resumed from step" in out
+    _assert_same_results(tmp_path / "full", tmp_path / "killed")
+
+    # Killed inside a save, while an old checkpoint is half deleted (the third save: step 12, or the
+    # second save of step 16 at the epoch end in the old scheme): the resume still reaches the same result.
+    torn = _cli(tmp_path / "torn", env={KILL_ENV: "delete"})
+    torn.communicate(timeout=600)
+    assert torn.returncode == -signal.SIGKILL
+    resumed = _cli(tmp_path / "torn")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "Traceback" not in out
+    _assert_same_results(tmp_path / "full", tmp_path / "torn")
 
 
 def test_moe_feed_forward_trains_with_router_loss(tmp_path):
