@@ -130,13 +130,15 @@ class MoEFeedForward(nnx.Module):
         d, f, e = d_model, ffn_dim, num_experts
         init = jax.nn.initializers.normal
         self.router = nnx.Param(init(0.02)(rngs.params(), (d, e), jnp.float32))
-        self.w_gate = nnx.Param(init(d**-0.5)(rngs.params(), (e, d, f), jnp.float32))
+        # Logical axes: expert parallelism is the rule {"expert": <mesh axis>} (recjax.sharding.mesh).
+        up_axes, down_axes = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
+        self.w_gate = nnx.Param(init(d**-0.5)(rngs.params(), (e, d, f), jnp.float32), logical_axes=up_axes)
         self.w_up = (
-            nnx.Param(init(d**-0.5)(rngs.params(), (e, d, f), jnp.float32))
+            nnx.Param(init(d**-0.5)(rngs.params(), (e, d, f), jnp.float32), logical_axes=up_axes)
             if activation == "swiglu"
             else None
         )
-        self.w_down = nnx.Param(init(f**-0.5)(rngs.params(), (e, f, d), jnp.float32))
+        self.w_down = nnx.Param(init(f**-0.5)(rngs.params(), (e, f, d), jnp.float32), logical_axes=down_axes)
         del cfg
 
     def forward(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:

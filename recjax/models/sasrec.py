@@ -92,7 +92,10 @@ class SequenceEmbedding(nnx.Module):
         # GR: items truncated-normal std 0.02, positions truncated-normal std sqrt(1/D).
         item_init = nnx.initializers.truncated_normal(0.02)
         pos_init = nnx.initializers.truncated_normal(math.sqrt(1.0 / embed_dim))
-        self.items = nnx.Param(item_init(rngs.params(), (num_items + 1, embed_dim), jnp.float32))
+        # Logical axes: sharding the table's rows is the rule {"vocab": <mesh axis>} (recjax.sharding.mesh).
+        self.items = nnx.Param(
+            item_init(rngs.params(), (num_items + 1, embed_dim), jnp.float32), logical_axes=("vocab", "embed")
+        )
         self.positions = nnx.Param(pos_init(rngs.params(), (max_len, embed_dim), jnp.float32))
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 

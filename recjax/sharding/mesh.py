@@ -18,7 +18,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-DEFAULT_RULES: Mapping[str, str | None] = {"batch": "data", "embed": None, "vocab": None, "expert": "expert"}
+DEFAULT_RULES: Mapping[str, str | None] = {
+    "batch": "data",
+    "embed": None,
+    "vocab": None,  # item-table rows; {"vocab": "data"} shards them over the data axis
+    "mlp": None,
+    "expert": "expert",  # replicated on a mesh without an "expert" axis
+}
 
 
 def make_mesh(num_devices: int | None = None, axes: tuple[str, ...] = ("data",)) -> jax.sharding.Mesh:
