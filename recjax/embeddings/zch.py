@@ -239,11 +239,11 @@ class ZchEmbeddingCollection:
     def init_state(self) -> dict:
         out = {}
         for name, t in self.tables.items():
-            minus = jnp.full((t.num_slots,), -1, jnp.int32)
+            # One array per field: a state donated to a jitted step may not hold one buffer twice.
             out[name] = dict(
                 identity=ops.empty_identity(t.num_slots),
-                last_seen=minus,
-                inserted_at=minus,
+                last_seen=jnp.full((t.num_slots,), -1, jnp.int32),
+                inserted_at=jnp.full((t.num_slots,), -1, jnp.int32),
                 expiry=jnp.full((t.num_slots,), INT_MAX, jnp.int32),
                 count=jnp.zeros((t.num_slots,), jnp.int32),
             )

@@ -20,7 +20,7 @@ Methods (``RemapConfig.method``):
   sequence (its ``mask`` entry is cleared and the row is re-left-padded by ``left_pad``, with every other
   per-position array of the batch, so the last *known* input is in the final (query) position), no training
   target, and at evaluation ``target_known`` is False (count it as a miss). A row left with no known input
-  has an all-False ``mask``; the Trainer's evaluation counts it as a miss (``remap_hook.make_eval_remap``).
+  has an all-False ``mask``; the Trainer's evaluation counts it as a miss (``remap_hook.RemappedTask``).
 - ``"modulo"``: the classic baseline ``row = 1 + hash(id) % table_size`` (the same splitmix64 hash); no
   state, never resets, distinct IDs may share a row (a collision) and a new ID inherits the row's
   trained embedding and optimizer moments.
@@ -38,10 +38,9 @@ new owner is reset); modulo: > 0 as soon as IDs share rows. Counted in ``stats["
 counts every time it comes back).
 
 The remapper satisfies the ``recjax.train.remap_hook.IdRemapper`` protocol (``init_state``, ``remap``,
-``reset_rows``, ``rates``): ``Trainer(model, split, cfg, workdir, max_len=..., id_remapper=remapper)``
-trains any recjax sequential model on raw IDs, with the state checkpointed beside the parameters.
-``make_zch_train_step`` is the same remap + reset + unchanged ``make_train_step`` in one jit, for custom
-loops.
+``reset_rows``, ``rates``): ``Trainer(model, RemappedTask(NextItemTask(...), remapper), cfg, workdir)``
+trains any recjax sequential model on raw IDs, with the state checkpointed beside the parameters (custom
+loops: docs/ZCH.md).
 
 Letters: B batch, L sequence, H excluded history, R model rows (table_size + 1), D embedding dim.
 """
@@ -314,23 +313,6 @@ def reset_item_rows(
     if not found:
         raise ValueError(f"item_path: no 2-D parameter under {item_path} in params")
     return params, jax.tree_util.tree_map_with_path(zero, opt_state)
-
-
-def make_zch_train_step(train_step: Callable, remapper: ItemIdRemapper, **reset_kw) -> Callable:
-    """Wraps ``train_step(params, rest, opt_state, batch, rng)`` (recjax.train.trainer.make_train_step):
-    ``(params, rest, opt_state, zch_state, raw_batch, rng, step) -> (params, rest, opt_state, zch_state,
-    metrics, stats, rows)``, all in one jit; ``rows`` is the remapped batch (for freshness accounting)."""
-
-    @jax.jit
-    def step_fn(params, rest, opt_state, zch_state, raw_batch, rng, step):
-        batch, zch_state, reset_R, stats = remapper.remap(zch_state, raw_batch, step, training=True)
-        params, opt_state = reset_item_rows(
-            params, opt_state, reset_R, jax.random.fold_in(rng, 1), **reset_kw
-        )
-        params, rest, opt_state, metrics = train_step(params, rest, opt_state, batch, rng)
-        return params, rest, opt_state, zch_state, metrics, stats, dict(batch, reset=reset_R)
-
-    return step_fn
 
 
 def modulo_collision_rate(raw_ids, table_size: int) -> float:
