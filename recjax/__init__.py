@@ -1,8 +1,8 @@
 """recjax: large-scale recommendation systems in JAX/Flax NNX with Pallas GPU kernels.
 
-Layers (bottom to top): ``pallas_kernels`` -> ``recjax.ops`` -> building blocks (``data``, ``embeddings``,
-``layers``, ``retrieval``, ``sharding``, ``train``, ``eval``) -> ``recjax.models`` -> ``experiments``.
-See docs/ARCHITECTURE.md.
+Layers (bottom to top): ``validation`` -> ``pallas_kernels`` -> ``ops`` -> ``data``, ``sharding`` ->
+``layers``, ``embeddings``, ``retrieval`` -> ``eval`` -> ``train`` -> ``models`` -> ``experiments``
+(tests/test_import_layers.py keeps it true). See docs/ARCHITECTURE.md.
 """
 
 __version__ = "0.1.0"
