@@ -3,9 +3,9 @@
 
 Command: python -m experiments.run --config=experiments/configs/hstu_ml1m.py
 Reference (generative-recommenders README): HR@10 0.3097, NDCG@10 0.1720.
-Reached (2026-11-27, one NVIDIA H100 80GB HBM3, jax 0.11.2, --config.data.pipeline=numpy): test HR@10 0.3079,
-NDCG@10 0.1769, MRR 0.1524; best validation epoch 94 of 101; 0.14 s per training epoch, 58 s wall for the
-whole run (101 epochs + per-epoch validation). Details: benchmarks/RESULTS.md, section "Foundation".
+Reached (2026-12-02, one NVIDIA H200, jax 0.11.2, --config.data.pipeline=numpy, pessimistic ranking): test
+HR@10 0.3079, NDCG@10 0.1768, MRR 0.1522; best validation epoch 94 of 101; 79 s wall sharing the card with two
+other runs. Details: benchmarks/RESULTS.md, section "Foundation".
 """
 
 from experiments.configs import base

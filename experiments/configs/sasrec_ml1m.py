@@ -3,9 +3,9 @@
 
 Command: python -m experiments.run --config=experiments/configs/sasrec_ml1m.py
 Reference (generative-recommenders README): HR@10 0.2853, NDCG@10 0.1603.
-Reached (2026-11-27, one NVIDIA H100 80GB HBM3, jax 0.11.2, --config.data.pipeline=numpy): test HR@10 0.2960,
-NDCG@10 0.1692, MRR 0.1457; best validation epoch 98 of 101; 0.16 s per training epoch, 80 s wall for the
-whole run (101 epochs + per-epoch validation). Details: benchmarks/RESULTS.md, section "Foundation".
+Reached (2026-12-02, one NVIDIA H200, jax 0.11.2, --config.data.pipeline=numpy, pessimistic ranking): test
+HR@10 0.2972, NDCG@10 0.1711, MRR 0.1478; best validation epoch 101 of 101; 90 s wall sharing the card with
+two other runs (alone on an H100, 2026-11-27: 80 s). Details: benchmarks/RESULTS.md, section "Foundation".
 """
 
 from experiments.configs import base
