@@ -48,6 +48,11 @@ NONFINITE_MODES = ("error", "skip")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """The ``train`` section of an experiment config. The loop, optimizer, checkpoint and device fields are
+    the Trainer's; ``batch_size``, ``eval_batch_size``, ``ks``, ``early_stop_metric``, ``eval_impl`` and
+    ``loss`` configure ``NextItemTask.from_config`` (a custom task takes its own settings; the Trainer then
+    only checks that the batch sizes divide the devices)."""
+
     batch_size: int = 128
     num_epochs: int = 100
     learning_rate: float = 1e-3
