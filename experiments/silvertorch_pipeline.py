@@ -2,31 +2,37 @@
 Value Model -> top-N, trained and evaluated end to end on CPU in a few minutes.
 
     PYTHONPATH=. python experiments/silvertorch_pipeline.py [--tower sasrec|hstu] [--dataset ml-100k|ml-1m]
-        [--index brute|ivf --clusters L --nprobe 1,2,4] [--small] [--out DIR]
+        [--index brute|ivf --clusters L --nprobe 1,2,4] [--small] [--out DIR] [--workdir DIR]
 
 Steps:
 1. Multi-task split (recjax/retrieval/multitask_data.py): per user the last 5 interactions are the test
    window, up to 3 windows before it are training windows (ML-1M in the SASRec form has no ratings:
    click-only labels).
-2. User tower (SASRec by default) trained with sampled softmax on every user's sequence minus its test
-   window and (``--tower-holdout train+test``, default) the training windows, so the OverArch learns on
-   contexts the tower has not fitted, as at test time.
+2. User tower (SASRec by default) trained by the ``Trainer`` (``WindowTask``: sampled softmax on one random
+   window per user per epoch) on every user's sequence minus its test window and (``--tower-holdout
+   train+test``, default) the training windows, so the OverArch learns on contexts the tower has not
+   fitted, as at test time. Its own test: next-item ranking (HR/NDCG@K, MRR) of the held-out item right
+   after its training sequence.
 3. Index over the tower's (normalised) item table + genre / year side features. Training examples follow
    the serving distribution (``--negatives candidates``, default): negatives drawn from the tower's top-K
    (the candidates the OverArch re-ranks), positives outside the top-K masked out of click / long-watch.
    ``--negatives mixed``: uniform + top-100 negatives, all positives (re-ranking is then biased towards
    low retrieval scores, see docs/SILVERTORCH_MODEL.md).
-4. OverArch + heads (click, rating, long-watch) + learned linear Value Model trained jointly (optax Adam,
-   one jitted train step over nnx.split state) on precomputed user embeddings of the frozen tower.
+4. OverArch + heads (click, rating, long-watch) + learned linear Value Model trained jointly by the same
+   ``Trainer`` (``recjax.models.silvertorch_scorer.ScorerTask``, optax Adam with cosine decay) on
+   precomputed user embeddings of the frozen tower.
 5. Evaluation on the test windows: click / long-watch AUC, rating RMSE (beside the train-mean baseline),
    recall@N of the test items for exact search and for the full pipeline (exact and int8 retrieval),
    ANN recall of the int8 candidates vs exact top-K, a re-rank ablation, a genre-filtered run checked
    against an exact filter, and a main + fresh index split that must reproduce the single-index results.
 6. ``--index ivf``: the same unified model with the main table in an int8 IVF (``unified_ivf.MainIVF``,
-   ``--clusters`` k-means clusters) for each ``--nprobe``: recall@N of the pipeline, its candidates vs the
-   exact and the int8 brute-force top-K, the fraction of items scanned, the genre filter inside the IVF
-   search (violations, filtered recall) and the main + fresh split served with IVF.
-Prints a table; ``--out`` also writes results.json.
+   ``--clusters`` k-means clusters) for each ``--nprobe`` (experiments/silvertorch_serving.py): recall@N of
+   the pipeline, its candidates vs the exact and the int8 brute-force top-K, the fraction of items scanned,
+   the genre filter inside the IVF search (violations, filtered recall) and the main + fresh split served
+   with IVF.
+Prints a table; ``--out`` also writes results.json. Both trainers run in a temporary directory, or with
+``--workdir`` in ``DIR/tower`` and ``DIR/scorer`` (checkpoints each epoch; a re-run with the same training
+flags resumes, other training flags are refused).
 """
 
 from __future__ import annotations
@@ -37,36 +43,40 @@ import datetime
 import json
 import pathlib
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
+from experiments.silvertorch_serving import exact_topk, ivf_results, recall_at, serve_all, user_embeddings
+from experiments.train_lib import ordered_metrics
+from recjax.data import batching
 from recjax.data.movielens import GENRES, load_ml1m_sequential, load_ml100k
+from recjax.data.splits import LeaveOneOut
+from recjax.data.types import SequenceDataset
 from recjax.models.registry import build_model
-from recjax.ops.ann import probe_clusters
-from recjax.ops.topk import topk_inner_product
+from recjax.models.silvertorch_scorer import ScorerTask, auc, predict, scorer_examples
 from recjax.retrieval import fresh_index as fi
 from recjax.retrieval import multitask_data as mt
-from recjax.retrieval import unified_ivf
-from recjax.retrieval.ivf import assign_clusters
-from recjax.retrieval.overarch import OverArch, OverArchConfig, task_predictions
-from recjax.retrieval.unified import (
-    Scorer,
-    UnifiedConfig,
-    UnifiedModel,
-    UnifiedRetrieval,
-    make_scorer_train_step,
-    tower_index,
-)
+from recjax.retrieval.overarch import OverArch, OverArchConfig
+from recjax.retrieval.unified import Scorer, UnifiedConfig, UnifiedModel, UnifiedRetrieval, tower_index
 from recjax.retrieval.value_model import ValueModel, ValueModelConfig
-from recjax.train.trainer import LossConfig, make_train_step
+from recjax.train import workdir as workdir_lib
+from recjax.train.tasks import LossConfig, NextItemTask
+from recjax.train.trainer import TrainConfig, Trainer
+
+# Flags that change what is trained: a --workdir resume refuses a change of any of them.
+TRAINING_FLAGS = (
+    "tower", "dataset", "tower_holdout", "small", "max_len", "dim", "tower_epochs", "scorer_epochs", "k",
+    "hard", "uniform_negatives", "negatives", "seed",
+)  # fmt: skip
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tower", default="sasrec", choices=["sasrec", "hstu"])
     p.add_argument(
@@ -100,6 +110,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--workdir", default=None, help="trainers' checkpoints and metrics (default: temporary)")
     args = p.parse_args(argv)
     if args.small:
         args.tower_epochs, args.scorer_epochs, args.k, args.n_final = 2, 1, 50, 20
@@ -107,39 +118,61 @@ def parse_args(argv=None):
     return args
 
 
-# ------------------------------------------------------------------------------------------- metrics
-
-
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC by average ranks (ties count half)."""
-    labels = labels.astype(bool)
-    pos, neg = labels.sum(), (~labels).sum()
-    if pos == 0 or neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="stable")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def recall_at(ids_CxN: np.ndarray, targets_CxM: np.ndarray) -> float:
-    hits = [
-        np.isin(t[t > 0], ids).sum() / max((t > 0).sum(), 1)
-        for ids, t in zip(ids_CxN, targets_CxM, strict=True)
-    ]
-    return float(np.mean(hits))
-
-
 # --------------------------------------------------------------------------------------------- tower
 
 
-def train_tower(args, dataset, holdout: int):
-    """Sampled-softmax next-item training on each user's sequence minus its last ``holdout`` items (the
-    test window, and by default the OverArch's training windows too, so that the OverArch learns on
-    contexts the tower has not fitted, as at test time)."""
+class WindowTask(NextItemTask):
+    """Next-item training on one random window per user per epoch (ending anywhere past the user's first
+    item, at most ``max_len + 1`` items, left-padded) of the split's training sequences; the windows and
+    the batch order are pure functions of (seed, epoch), so a resumed run sees the same batches. Validation
+    and test: ``NextItemTask``'s full-corpus ranking."""
+
+    def __init__(self, split: LeaveOneOut, **kwargs):
+        super().__init__(split, **kwargs)
+        self.sequences = [s for s in split.train if len(s) >= 2]  # shorter ones have no next item
+
+    def num_train_batches(self) -> int:
+        return batching.num_batches(len(self.sequences), self.batch_size, drop_remainder=False)
+
+    def train_batches(self, epoch: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 1]))  # 1: not the order's stream
+        length = self.max_len + 1
+        windows = np.zeros((len(self.sequences), length), np.int32)
+        for u, s in enumerate(self.sequences):
+            end = int(rng.integers(2, len(s) + 1))
+            w = s[max(0, end - length) : end]
+            windows[u, length - len(w) :] = w
+        inputs, targets = windows[:, :-1], windows[:, 1:]
+        examples = {"inputs": inputs, "targets": targets, "mask": inputs > 0}
+        return batching.batches(examples, self.batch_size, shuffle=True, seed=seed, epoch=epoch)
+
+
+def tower_split(dataset: SequenceDataset, holdout: int) -> LeaveOneOut:
+    """The tower's data: each user's sequence minus its last ``holdout`` items (at least 2 kept) is its
+    training sequence; the next item (never trained on) is the validation target and the one after it the
+    test target (history: the training sequence and the validation item), for the users that have both."""
+    train, users, v_in, v_t, t_in, t_t = [], [], [], [], [], []
+    for u, seq in enumerate(dataset.sequences):
+        s = np.asarray(seq, np.int32)
+        n = max(2, len(s) - holdout)
+        train.append(s[:n])
+        if len(s) >= n + 2:
+            users.append(u)
+            v_in.append(s[:n])
+            v_t.append(s[n])
+            t_in.append(s[: n + 1])
+            t_t.append(s[n + 1])
+    return LeaveOneOut(
+        dataset, tuple(train), np.asarray(users, np.int32), tuple(v_in), np.asarray(v_t, np.int32),
+        tuple(t_in), np.asarray(t_t, np.int32),
+    )  # fmt: skip
+
+
+def train_tower(
+    args: argparse.Namespace, dataset: SequenceDataset, holdout: int, workdir: pathlib.Path
+) -> tuple[nnx.Module, dict[str, float]]:
+    """-> (eval-mode tower, its test ranking metrics). Fixed epochs, AdamW 1e-3, batch 128, sampled softmax
+    with 128 uniform negatives; no validation (the last parameters are kept), then the test ranking."""
     if args.tower == "sasrec":
         extra = {"ffn_hidden_dim": args.dim}
     else:
@@ -148,124 +181,46 @@ def train_tower(args, dataset, holdout: int):
         args.tower, dataset.num_items, rngs=nnx.Rngs(params=args.seed, dropout=args.seed + 1),
         max_len=args.max_len, embed_dim=args.dim, **extra,
     )  # fmt: skip
-    model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt = optax.adamw(1e-3)
-    opt_state = opt.init(params)
-    seqs = [s[: max(2, len(s) - holdout)] for s in dataset.sequences]
-    length = args.max_len + 1
-
-    step = make_train_step(graphdef, opt, LossConfig(num_negatives=128))  # the library's jitted step
-    rng = np.random.default_rng(args.seed)
-    key = jax.random.key(args.seed)
-    batch = 128
-    loss = float("nan")
-    for _ in range(args.tower_epochs):
-        # one random window (ending anywhere past the first item) per user per epoch, left-padded
-        windows = np.zeros((len(seqs), length), np.int32)
-        for u, s in enumerate(seqs):
-            end = int(rng.integers(min(len(s), 2), len(s) + 1))
-            w = s[max(0, end - length) : end]
-            windows[u, length - len(w) :] = w
-        perm = rng.permutation(len(seqs))
-        for i in range(0, len(perm) - batch + 1, batch):
-            key, sub = jax.random.split(key)
-            w = windows[perm[i : i + batch]]
-            inputs, targets = w[:, :-1], w[:, 1:]
-            data = {"inputs": inputs, "targets": targets, "mask": (inputs > 0) & (targets > 0)}
-            params, rest, opt_state, metrics = step(params, rest, opt_state, data, sub)
-            loss = metrics["loss"]
-    model = nnx.merge(graphdef, params, rest)
-    model.eval()
-    return model, float(loss)
-
-
-def user_embeddings(tower, inputs_CxL, mask_CxL, batch: int = 256) -> np.ndarray:
-    graphdef, state = nnx.split(tower)
-    fn = jax.jit(lambda s, x, m: (lambda t: t.user_embedding(t(x, m)))(nnx.merge(graphdef, s)))
-    out = []
-    for i in range(0, len(inputs_CxL), batch):
-        x, mk = _pad_batch(inputs_CxL[i : i + batch], batch), _pad_batch(mask_CxL[i : i + batch], batch)
-        mk[:, -1] |= ~mk.any(1)  # padding rows: one (padding) item so every row is well-defined
-        out.append(np.asarray(fn(state, jnp.asarray(x), jnp.asarray(mk)))[: min(batch, len(inputs_CxL) - i)])
-    return np.concatenate(out)
-
-
-def _pad_batch(x: np.ndarray, batch: int) -> np.ndarray:
-    if len(x) == batch:
-        return x.copy()
-    return np.concatenate([x, np.zeros((batch - len(x), *x.shape[1:]), x.dtype)])
-
-
-def exact_topk(queries, index, k, exclude_CxH, allowed_V=None, batch=256) -> np.ndarray:
-    """Tower-only retrieval baseline: exact search over the main table, history (and, with ``allowed_V``,
-    every disallowed id) excluded; the 0-padding of ``exclude_CxH`` excludes the padding item 0."""
-    table = index.main.emb_NxD
-    ex = exclude_CxH
-    if allowed_V is not None:
-        blocked = np.flatnonzero(~allowed_V).astype(np.int32)
-        ex = np.concatenate([ex, np.broadcast_to(blocked, (len(ex), len(blocked)))], axis=1)
-    fn = jax.jit(lambda q, e: topk_inner_product(q, table, k, exclude_BxH=e, impl="xla")[1])
-    out = []
-    for i in range(0, len(queries), batch):
-        q, e = _pad_batch(queries[i : i + batch], batch), _pad_batch(ex[i : i + batch], batch)
-        out.append(np.asarray(fn(jnp.asarray(q), jnp.asarray(e)))[: min(batch, len(queries) - i)])
-    return np.concatenate(out)
+    # b2 / weight_decay: optax.adamw's defaults (the optimizer the tower had before the Trainer)
+    cfg = TrainConfig(
+        batch_size=128, num_epochs=args.tower_epochs, learning_rate=1e-3, b2=0.999, weight_decay=1e-4,
+        seed=args.seed, eval_every_epochs=0, checkpoint_every_epochs=int(args.workdir is not None),
+        progress=False, eval_impl="xla", loss=LossConfig(num_negatives=128),
+    )  # fmt: skip
+    task = WindowTask(
+        tower_split(dataset, holdout), max_len=args.max_len, batch_size=cfg.batch_size, loss=cfg.loss,
+        eval_batch_size=cfg.eval_batch_size, ks=cfg.ks, eval_impl=cfg.eval_impl,
+    )  # fmt: skip
+    trainer = Trainer(model, task, cfg, workdir)
+    result = trainer.fit()
+    params = jax.device_put(trainer.best["params"], trainer.state_shardings.params)
+    test = result["test"]
+    return trainer.eval_model(params), {k: test[k] for k in ordered_metrics(test)}
 
 
 # -------------------------------------------------------------------------------------------- scorer
 
 
-def scorer_batches(ex: mt.MultiTaskExamples, user_emb, user_side_C, item_table, item_side):
-    return {
-        "user_emb": user_emb[ex.context_E],
-        "item_emb": item_table[ex.items_E],
-        "item_side": item_side[ex.items_E],
-        "user_side": user_side_C[ex.context_E],
-        "labels": ex.labels_ExT,
-        "label_mask": ex.label_mask_ExT,
-        "value_target": ex.value_target_E,
-    }
-
-
-def train_scorer(args, scorer: Scorer, data: dict, batch: int = 1024):
-    graphdef, params, rest = nnx.split(scorer, nnx.Param, ...)
-    e = len(data["labels"])
-    steps = args.scorer_epochs * (e // batch)
-    opt = optax.adam(optax.cosine_decay_schedule(3e-3, max(steps, 1)))
-    opt_state = opt.init(params)
-    step = make_scorer_train_step(graphdef, opt, task_weights=(1.0, 0.25, 1.0), value_weight=1.0)
-    rng = np.random.default_rng(args.seed + 7)
-    metrics = {}
-    for _ in range(args.scorer_epochs):
-        perm = rng.permutation(e)
-        for i in range(0, e - batch + 1, batch):
-            b = {k: jnp.asarray(v[perm[i : i + batch]]) for k, v in data.items()}
-            params, opt_state, metrics = step(params, rest, opt_state, b)
-    return nnx.merge(graphdef, params, rest), {k: float(v) for k, v in metrics.items()}
-
-
-def predict(scorer: Scorer, data: dict, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    graphdef, state = nnx.split(scorer)
-
-    @jax.jit
-    def fn(s, u, it, si, us):
-        sc = nnx.merge(graphdef, s)
-        logits = sc.overarch(u, it[:, None], si[:, None], us)[:, 0]
-        preds = task_predictions(logits, sc.tasks)
-        return preds, sc.value_model(preds)
-
-    preds, values = [], []
-    n = len(data["labels"])
-    for i in range(0, n, batch):
-        args = [
-            _pad_batch(data[k][i : i + batch], batch)
-            for k in ("user_emb", "item_emb", "item_side", "user_side")
-        ]
-        p, v = fn(state, *map(jnp.asarray, args))
-        preds.append(np.asarray(p)[: min(batch, n - i)])
-        values.append(np.asarray(v)[: min(batch, n - i)])
-    return np.concatenate(preds), np.concatenate(values)
+def train_scorer(
+    args: argparse.Namespace, scorer: Scorer, train: dict, test: dict, workdir: pathlib.Path
+) -> tuple[Scorer, dict[str, float]]:
+    """-> (trained scorer, its head metrics on ``test``). Fixed epochs of batch 1024, Adam with cosine decay
+    from 3e-3; no validation (the schedule runs to the last step, whose parameters are kept)."""
+    cfg = TrainConfig(
+        batch_size=1024, num_epochs=args.scorer_epochs, learning_rate=3e-3, seed=args.seed + 7,
+        eval_every_epochs=0, checkpoint_every_epochs=int(args.workdir is not None), eval_batch_size=4096,
+        progress=False,
+    )  # fmt: skip
+    task = ScorerTask(
+        mt.TASKS, train, {"test": test}, batch_size=cfg.batch_size, task_weights=(1.0, 0.25, 1.0),
+        value_weight=1.0, early_stop_metric="click_auc", eval_batch_size=cfg.eval_batch_size,
+    )  # fmt: skip
+    steps = cfg.num_epochs * task.num_train_batches()
+    opt = optax.adam(optax.cosine_decay_schedule(cfg.learning_rate, max(steps, 1)))
+    trainer = Trainer(scorer, task, cfg, workdir, optimizer=opt)
+    result = trainer.fit()
+    params = jax.device_put(trainer.best["params"], trainer.state_shardings.params)
+    return trainer.eval_model(params), result["test"]
 
 
 def rerank_ablation(scorer, cands_CxK, u_test, us_test, table, item_side, ex, n: int, rated: bool) -> dict:
@@ -273,10 +228,8 @@ def rerank_ablation(scorer, cands_CxK, u_test, us_test, table, item_side, ex, n:
     c, k = cands_CxK.shape
     ctx = np.repeat(np.arange(c), k)
     items = np.maximum(cands_CxK.reshape(-1), 0)
-    data = {
-        "user_emb": u_test[ctx], "item_emb": table[items], "item_side": item_side[items],
-        "user_side": us_test[ctx], "labels": np.zeros((c * k, 3), np.float32),
-    }  # fmt: skip
+    data = {"user_emb": u_test[ctx], "item_emb": table[items], "item_side": item_side[items],
+            "user_side": us_test[ctx]}  # fmt: skip
     preds, values = predict(scorer, data)
     out = {}
     orders = [("click", preds[:, 0]), ("value_model", values)]
@@ -305,30 +258,25 @@ def task_metrics(preds, ex: mt.MultiTaskExamples, rating_baseline: float) -> dic
     }
 
 
-# ------------------------------------------------------------------------------------------- serving
+# ---------------------------------------------------------------------------------------------- main
 
 
-def serve_all(
-    ur: UnifiedRetrieval, index, ex: mt.MultiTaskExamples, user_side_C, allowed=None, batch=128, ivf=None
-):
-    ids, cands = [], []
-    c = ex.num_contexts
-    for i in range(0, c, batch):
-        sl = slice(i, i + batch)
-        x, mk = _pad_batch(ex.inputs_CxL[sl], batch), _pad_batch(ex.mask_CxL[sl], batch)
-        mk[:, -1] |= ~mk.any(1)
-        out = ur(
-            index, x, mk, allowed=allowed, exclude_BxH=_pad_batch(ex.history_CxH[sl], batch),
-            user_side_BxU=_pad_batch(user_side_C[sl], batch), ivf=ivf,
-        )  # fmt: skip
-        n = min(batch, c - i)
-        ids.append(np.asarray(out.ids_BxN)[:n])
-        cands.append(np.asarray(out.candidate_ids_BxK)[:n])
-    return np.concatenate(ids), np.concatenate(cands)
-
-
-def main(argv=None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.workdir is None:
+        with tempfile.TemporaryDirectory(prefix="silvertorch-") as tmp:
+            return run(args, pathlib.Path(tmp))
+    training = {k: getattr(args, k) for k in TRAINING_FLAGS}
+    for part in ("tower", "scorer"):
+        workdir_lib.check_resume_config(pathlib.Path(args.workdir) / part, training)
+    return run(args, pathlib.Path(args.workdir))
+
+
+def _show(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def run(args: argparse.Namespace, workdir: pathlib.Path) -> dict:
     t0 = time.time()
     load = load_ml100k if args.dataset == "ml-100k" else load_ml1m_sequential
     dataset = load(args.data_dir)
@@ -352,12 +300,10 @@ def main(argv=None) -> dict:
 
     m = split_cfg.targets_per_window
     holdout = m * (1 + split_cfg.train_windows) if args.tower_holdout == "train+test" else m
-    tower, tower_loss = train_tower(args, dataset, holdout)
+    tower, tower_test = train_tower(args, dataset, holdout, workdir / "tower")
     index = tower_index(tower, side_NxS=item_side, quantize=True)
     table = np.asarray(index.main.emb_NxD)
-    print(
-        f"[{time.time() - t0:6.1f}s] tower trained ({args.tower}, last sampled-softmax loss {tower_loss:.3f})"
-    )
+    print(f"[{time.time() - t0:6.1f}s] tower trained ({args.tower}); next held-out item: {_show(tower_test)}")
 
     u_train = user_embeddings(tower, train_ex.inputs_CxL, train_ex.mask_CxL)
     u_test = user_embeddings(tower, test_ex.inputs_CxL, test_ex.mask_CxL)
@@ -394,16 +340,24 @@ def main(argv=None) -> dict:
         lambda: Scorer(OverArch(oa_cfg, rngs=nnx.Rngs(args.seed)), ValueModel(vm_cfg, rngs=nnx.Rngs(0)))
     )()
     us_train, us_test = user_side[train_ex.user_C], user_side[test_ex.user_C]
-    data = scorer_batches(train_ex, u_train, us_train, table, item_side)
-    scorer, last = train_scorer(args, scorer, data)
-    print(f"[{time.time() - t0:6.1f}s] scorer trained: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items()))
+    test_sets = {
+        "test_uniform_negatives": (test_ex, scorer_examples(test_ex, u_test, table, us_test, item_side)),
+        "test_with_retrieved_negatives": (
+            test_hard, scorer_examples(test_hard, u_test, table, us_test, item_side),
+        ),
+    }  # fmt: skip
+    train_data = scorer_examples(train_ex, u_train, table, us_train, item_side)
+    scorer, scorer_test = train_scorer(
+        args, scorer, train_data, test_sets["test_uniform_negatives"][1], workdir / "scorer"
+    )
+    print(f"[{time.time() - t0:6.1f}s] scorer trained; test (uniform negatives): {_show(scorer_test)}")
     w = np.asarray(scorer.value_model.w_T[...]).tolist()
     value_formula = (f"value = {float(scorer.value_model.b[...]):+.3f} + {w[0]:+.3f} p_click "
                      f"{w[1]:+.3f} (rating - {rating_mean:.2f}) {w[2]:+.3f} p_long_watch")  # fmt: skip
 
-    results: dict = {"value_model": value_formula}
-    for name, ex in (("test_uniform_negatives", test_ex), ("test_with_retrieved_negatives", test_hard)):
-        preds, _ = predict(scorer, scorer_batches(ex, u_test, us_test, table, item_side))
+    results: dict = {"tower_next_item": tower_test, "value_model": value_formula}
+    for name, (ex, data) in test_sets.items():
+        preds, _ = predict(scorer, data)
         results[name] = task_metrics(preds, ex, rating_mean)
 
     # --- the unified model: tower -> top-K -> OverArch -> heads -> value -> top-N
@@ -475,49 +429,6 @@ def main(argv=None) -> dict:
         path.mkdir(parents=True, exist_ok=True)
         (path / "results.json").write_text(json.dumps(results, indent=2))
     return results
-
-
-def ivf_results(args, model, index, split_index, ex, us_test, u_test, exact_k, cands8, ids8, allowed) -> dict:
-    """The unified model with the main table in an int8 IVF, per nprobe, beside int8 brute force."""
-    t = time.time()
-    main_ivf = unified_ivf.build_main_ivf(index, args.clusters, seed=args.seed)
-    valid = np.asarray(index.main.ids_N) >= 0
-    cents = main_ivf.ivf.centroids_LxD
-    size_L = np.bincount(
-        np.asarray(assign_clusters(index.main.emb_NxD, cents))[valid], minlength=args.clusters
-    )
-    k, n = args.k, args.n_final
-    target_f = np.where(allowed[ex.targets_CxM], ex.targets_CxM, 0)
-    out = {
-        "clusters": args.clusters,
-        "cluster_size_min_median_max": f"{size_L.min()} / {int(np.median(size_L))} / {size_L.max()}",
-        "build_seconds": round(time.time() - t, 1),
-        f"int8_brute_force_pipeline@{n}": recall_at(ids8, ex.targets_CxM),
-    }
-    for p in args.nprobe:
-        ur = UnifiedRetrieval(model, UnifiedConfig(k=k, n_final=n, index="ivf", nprobe=p, ann_impl="xla"))
-        ids, cands = serve_all(ur, index, ex, us_test, ivf=main_ivf)
-        probes = np.asarray(probe_clusters(u_test, cents, p))
-        ids_f, _ = serve_all(ur, index, ex, us_test, allowed=allowed, ivf=main_ivf)
-        out |= {
-            f"nprobe={p}: items_scanned_fraction": float(size_L[probes].sum(1).mean() / valid.sum()),
-            f"nprobe={p}: pipeline_recall@{n}": recall_at(ids, ex.targets_CxM),
-            f"nprobe={p}: candidates_in_exact_top{k}": float(
-                np.mean([np.isin(a, b).mean() for a, b in zip(cands, exact_k, strict=True)])
-            ),
-            f"nprobe={p}: candidates_in_int8_brute_top{k}": float(
-                np.mean([np.isin(a, b).mean() for a, b in zip(cands, cands8, strict=True)])
-            ),
-            f"nprobe={p}: comedy_violations": int((~allowed[ids_f[ids_f >= 0]]).sum()),
-            f"nprobe={p}: comedy_recall@{n}": recall_at(ids_f, target_f),
-        }
-    # main + fresh (10% of the items fresh) with the IVF over the reduced main table, largest nprobe
-    p = max(args.nprobe)
-    split_ivf = unified_ivf.build_main_ivf(split_index, args.clusters, seed=args.seed)
-    ur = UnifiedRetrieval(model, UnifiedConfig(k=k, n_final=n, index="ivf", nprobe=p, ann_impl="xla"))
-    ids_s, _ = serve_all(ur, split_index, ex, us_test, ivf=split_ivf)
-    out[f"main+fresh, nprobe={p}: pipeline_recall@{n}"] = recall_at(ids_s, ex.targets_CxM)
-    return out
 
 
 def print_table(results: dict) -> None:
