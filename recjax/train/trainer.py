@@ -355,6 +355,12 @@ class Trainer:
                 f"{lp['best_epoch']}) {shown}"
             )
 
+    def close(self) -> None:
+        """Releases the workdir (for a Trainer built only to restore or evaluate; ``fit`` releases it)."""
+        if self._locked:
+            self._lock.release()
+            self._locked = False
+
     def fit(self) -> dict[str, Any]:
         """Trains to ``num_epochs`` (or early stopping), evaluates the best parameters on the test split,
         writes ``results.json`` and releases the workdir."""
@@ -364,8 +370,7 @@ class Trainer:
         try:
             return self._fit()
         finally:
-            self._lock.release()
-            self._locked = False
+            self.close()
 
     def _fit(self) -> dict[str, Any]:
         cfg, task, lp = self.cfg, self.task, self.loop
@@ -414,12 +419,13 @@ class Trainer:
                 self._validate(writer, epoch + 1)
             elif not cfg.eval_every_epochs:  # no validation: the last parameters are the ones tested
                 lp["best_epoch"] = epoch + 1
-                self.best = _host_copy({"params": self.state.params, "task_state": self.state.task_state})
             if cfg.checkpoint_every_epochs and (
                 (epoch + 1) % cfg.checkpoint_every_epochs == 0 or epoch + 1 == cfg.num_epochs or lp["stopped"]
             ):
                 self._save()
             writer.flush()  # a killed run keeps every finished epoch's metrics on disk
+        if not cfg.eval_every_epochs:  # copied once, at the end (a resume re-runs this line too)
+            self.best = _host_copy({"params": self.state.params, "task_state": self.state.task_state})
         test = self.evaluate("test") if "test" in task.splits else {}
         writer.write(self.loop_step, test, prefix="test/")
         writer.close()
