@@ -135,4 +135,4 @@ def test_cli_trains_on_a_csv_file(tmp_path):
         "interactions": ds.num_interactions,
     }
     assert results["epochs"] == 2 and 0.0 <= results["test"]["hr@10"] <= 1.0
-    assert "interactions: 300 users" in proc.stdout
+    assert "interactions (300 users)" in proc.stdout
