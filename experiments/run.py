@@ -3,7 +3,9 @@
 
 Prints a metrics table (test split, best validation epoch) beside the popularity baseline and writes
 ``results.json``, ``metrics.jsonl`` and TensorBoard events (``tensorboard/``) to the workdir. Re-running with
-the same workdir resumes from its last checkpoint.
+the same workdir resumes from its last checkpoint (with the same config: a changed one is refused, naming
+the keys, unless ``--allow_config_change=key1,key2`` or ``all``); a second run on a workdir in use is
+refused, naming the holder; a finished workdir reports its results.
 
 Config keys and values are checked before any data loads: an unknown key names the closest existing one, a
 bad value names the field. Logging is WARNING and above unless ``--verbosity`` (absl's flag; 0 = INFO) is
@@ -29,6 +31,12 @@ def define_flags() -> None:
     # the --config.* overrides) when the flag is defined.
     config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "experiment config file[:argument]")
     flags.DEFINE_string("workdir", None, "output directory (default: runs/<config>-<timestamp>)")
+    flags.DEFINE_string(
+        "allow_config_change",
+        "",
+        "on resume, config keys (or key prefixes, comma-separated, or 'all') allowed to differ from the "
+        "config the workdir was started with",
+    )
 
 
 def run_name(config_filename: str) -> str:
@@ -50,7 +58,14 @@ def main(argv):
     name = run_name(config_flags.get_config_filename(flags.FLAGS["config"]))
     workdir = flags.FLAGS.workdir or f"runs/{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     print(f"workdir: {workdir}\ncommand: {' '.join(sys.argv)}", flush=True)
-    print(format_table(run_experiment(config, workdir)))
+    allow = flags.FLAGS.allow_config_change
+    from recjax.train.workdir import ConfigChangedError, WorkdirBusyError
+
+    try:
+        results = run_experiment(config, workdir, allow_change=True if allow == "all" else allow)
+    except (WorkdirBusyError, ConfigChangedError) as e:  # one clear message, no traceback
+        sys.exit(f"error: {e}")
+    print(format_table(results))
 
 
 if __name__ == "__main__":

@@ -133,9 +133,11 @@ def format_table(results: dict[str, Any]) -> str:
 
     lines = [line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows[1:])]
     ds = results["dataset"]
+    pace = results["s_per_epoch"]  # None when this invocation trained no epoch (a finished run resumed)
+    pace = "no epoch trained by this run" if pace is None else f"{pace:.2f} s/epoch"
     lines.append(
         f"\ntest split: leave-one-out, ranked against all {ds['items']} items of {ds['name']} ({ds['users']} "
         f"users). Best validation epoch {results['best_epoch']} of {results['epochs']}; "
-        f"{results['s_per_epoch']:.2f} s/epoch; wall {results['wall_s']:.0f} s on {results['devices']}."
+        f"{pace}; wall {results['wall_s']:.0f} s on {results['devices']}."
     )
     return "\n".join(lines)

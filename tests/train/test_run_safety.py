@@ -72,6 +72,11 @@ def test_resume_with_changed_config_is_refused_and_finished_run_is_reported(tmp_
     changed = _tiny(learning_rate=1e-2)
     with pytest.raises(ConfigChangedError, match=r"train\.learning_rate: 0\.003 -> 0\.01"):
         run_experiment(changed, tmp_path)
+    # The CLI says it in one line (no traceback) before loading anything.
+    cli = _cli(tmp_path, "--config.train.num_epochs=1", "--config.train.learning_rate=0.01")
+    out, _ = cli.communicate(timeout=120)
+    assert cli.returncode != 0 and "error: refusing to resume" in out and "Traceback" not in out, out
+    assert "--allow_config_change" in out or "allow these keys" in out
     # Allowed explicitly: the run goes on from its checkpoint (here: 1 more epoch) and says so.
     changed.train.num_epochs = 2
     res = run_experiment(changed, tmp_path, allow_change="train.learning_rate")
