@@ -196,6 +196,12 @@ def _distinct_buffers(tree):
     return jax.tree.map(one, tree)
 
 
+def _metric_order(name: str) -> tuple:
+    """hr@10, hr@50, hr@200, ..., then names without a numeric cutoff (numeric, not lexicographic)."""
+    family, _, k = name.partition("@")
+    return (0, family, int(k)) if k.isdigit() else (1, name, 0)
+
+
 # The host-side loop position and early-stopping state, checkpointed beside the TrainState.
 _LOOP_INT = ("epoch", "batch", "best_epoch", "since_best", "stopped", "skipped_steps")
 
@@ -349,7 +355,7 @@ class Trainer:
             lp["since_best"] += 1
         lp["stopped"] = int(bool(cfg.patience) and lp["since_best"] >= cfg.patience)
         if cfg.progress:
-            shown = " ".join(f"{k}={v:.4f}" for k, v in valid.items() if k != metric)
+            shown = " ".join(f"{k}={valid[k]:.4f}" for k in sorted(valid, key=_metric_order) if k != metric)
             tqdm.write(
                 f"epoch {epoch}: valid {metric}={score:.4f} (best {lp['best_metric']:.4f} @ "
                 f"{lp['best_epoch']}) {shown}"
