@@ -154,3 +154,16 @@ def test_train_config_rejects_bad_values():
     cfg.early_stop_metric = "ndcg@20"  # not among ks=(10, 50)
     with pytest.raises(ValueError, match="early_stop_metric"):
         train_config(cfg)
+
+
+def test_default_config_quick_synthetic_and_ml1m_argument():
+    from experiments import overrides
+    from experiments.configs import default, sasrec_ml1m
+
+    quick = default.get_config()
+    overrides.validate(quick)
+    assert quick.data.name == "synthetic" and quick.train.num_epochs <= 20  # the minute-long main job
+    assert default.get_config("ml1m").to_dict() == sasrec_ml1m.get_config().to_dict()
+    with pytest.raises(ValueError, match="expected one of"):
+        default.get_config("ml-1m")
+    assert overrides.load_config(f"{ROOT}/experiments/configs/default.py:ml1m").data.name == "ml-1m"
