@@ -82,7 +82,9 @@ def _numbers(path: str, lines: list[str], rows: _Rows, raw: list[str], what: str
 
 def _parse_table(path: str, lines: list[str], delimiter: str, columns: dict[str, str]) -> _Rows:
     rows = _Rows()
-    reader = csv.reader(lines, delimiter=delimiter)
+    # TSV has no quoting: a field starting with '"' must not swallow the tabs after it.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(lines, delimiter=delimiter, quoting=quoting)
     header = None
     for fields in reader:
         lineno = reader.line_num

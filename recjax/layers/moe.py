@@ -3,8 +3,8 @@
 ``MoEFeedForward(d_model, ffn_dim, num_experts, top_k, activation="swiglu", rngs=...)`` is a drop-in
 feed-forward for a transformer block: ``y = ffn(x_...xD)`` (any leading dims, optional validity mask). The
 call sows its weighted router loss under ``"aux_loss"`` and its per-expert load under ``"expert_load"``
-(``nnx.sow(nnx.Intermediate, ...)``): a training loss collects them with ``nnx.pop(model, nnx.Intermediate)``
-(``recjax.train.tasks.aux_loss_metrics`` does, so every task adds them without importing this module).
+(``nnx.sow(nnx.Intermediate, ...)``): a training loss collects them with ``nnx.capture`` (as
+``recjax.train.tasks.forward_with_aux`` does, so every task adds them without importing this module).
 ``ffn.forward(x, mask)`` returns ``(y, aux)`` and sows nothing.
 ``mesh=...`` runs the experts expert-parallel (``recjax.layers.moe_dispatch``).
 

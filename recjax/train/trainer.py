@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -134,7 +135,8 @@ def make_train_step(
         (loss, metrics), grads = nnx.value_and_grad(
             lambda m: task.loss(m, batch, rng), argnums=nnx.DiffState(0, nnx.Param), has_aux=True
         )(model)
-        _, _, rest = nnx.split(model, nnx.Param, ...)
+        # What a custom loss left sown outside nnx.capture is dropped: it is not state between steps.
+        _, _, _, rest = nnx.split(model, nnx.Param, nnx.Intermediate, ...)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -229,6 +231,18 @@ class Trainer:
         self._lock = workdir_lib.WorkdirLock(self.workdir)
         self._lock.acquire()
         self._locked = True
+        try:
+            self._setup(model, task, cfg, optimizer, rules)
+        except BaseException:
+            self.close()  # a Trainer that failed to build holds no workdir
+            raise
+
+    def _setup(self, model, task, cfg, optimizer, rules) -> None:
+        if cfg.eval_every_epochs and "valid" not in task.splits:
+            raise ValueError(
+                f"train.eval_every_epochs={cfg.eval_every_epochs}: the task has no 'valid' split "
+                f"(splits {task.splits}); set it to 0 to train without validation"
+            )
         self.mesh = mesh_lib.make_mesh(cfg.num_devices or None)
         n_dev = self.mesh.shape["data"]
         for name in ("batch_size", "eval_batch_size"):
@@ -319,7 +333,7 @@ class Trainer:
                 f"task_state={'None' if task_state is None else 'given'}"
             )
         if params is None:
-            if split == "test":
+            if split == "test" and self.cfg.eval_every_epochs:
                 params = jax.device_put(self.best["params"], self.state_shardings.params)
                 task_state = jax.device_put(self.best["task_state"], self.state_shardings.task_state)
             else:
@@ -336,7 +350,8 @@ class Trainer:
         m = jax.device_get(metrics)
         raise FloatingPointError(
             f"training step {step}: non-finite loss {float(m['loss'])} / gradient norm "
-            f"{float(m['grad_norm'])}; the state before it is kept (last checkpoint: step "
+            f"{float(m['grad_norm'])}; that step changed nothing (the next one was already applied; last "
+            "checkpoint: step "
             f"{self.checkpointer.latest_step()}). Lower train.learning_rate, clip gradients "
             "(train.grad_clip_norm) or set train.nonfinite='skip'"
         )
@@ -347,6 +362,11 @@ class Trainer:
         writer.write(self.loop_step, {**valid, "epoch": epoch}, prefix="valid/")
         metric = self.task.early_stop_metric
         score = valid[metric]
+        if not np.isfinite(score):
+            warnings.warn(
+                f"epoch {epoch}: validation {metric} is {score}; these parameters cannot become the best",
+                stacklevel=2,
+            )
         params_finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(self.state.params))
         if params_finite and score > lp["best_metric"]:
             lp.update(best_metric=float(score), best_epoch=epoch, since_best=0)
@@ -400,7 +420,7 @@ class Trainer:
                 self.state, metrics = self.train_step(self.state, mesh_lib.shard_batch(batch, self.mesh))
                 if pending is not None:  # one step late: the host does not wait for this step
                     self._check_finite(*pending)
-                pending = (step, metrics)
+                pending = (step, metrics)  # checked exactly once (below, or at the next step)
                 step += 1
                 lp["batch"] = i + 1
                 bar.update(1)
@@ -408,6 +428,7 @@ class Trainer:
                     writer.write(step, jax.device_get(metrics), prefix="train/")
                 if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
                     self._check_finite(*pending)
+                    pending = None
                     self._save()
             if pending is not None:
                 self._check_finite(*pending)

@@ -63,6 +63,16 @@ def test_diverging_run_can_skip_steps(tmp_path):
     assert res["test"]["mrr"] < 0.5
 
 
+def test_skipped_steps_do_not_depend_on_checkpoint_frequency(tmp_path):
+    """A skipped step was counted twice when a checkpoint fell on the step after it."""
+    counts = []
+    for every in (0, 1):
+        config = _tiny(learning_rate=1e6, nonfinite="skip", checkpoint_every_steps=every)
+        trainer = _trainer(tmp_path / str(every), config)
+        counts.append(trainer.fit()["skipped_steps"])
+    assert counts[0] == counts[1] > 0, counts
+
+
 def test_resume_with_changed_config_is_refused_and_finished_run_is_reported(tmp_path, capsys):
     config = _tiny()
     first = run_experiment(config, tmp_path)
