@@ -83,9 +83,9 @@ def metrics_from_rank(rank_B: jax.Array, ks: Sequence[int]) -> dict[str, jax.Arr
     return out
 
 
-def _batch_stats(queries_BxD, items_NxD, target_B, exclude_BxH, valid_B, scoreable_B, ks, impl):
+def _score_stats(scores_BxN, target_B, exclude_BxH, valid_B, scoreable_B, ks):
     """(metric sums over valid & scoreable rows, count of valid rows)."""
-    rank_B = pessimistic_rank(score_matrix(queries_BxD, items_NxD, impl), target_B, exclude_BxH)
+    rank_B = pessimistic_rank(scores_BxN, target_B, exclude_BxH)
     valid_B = valid_B.astype(bool)
     hit_w = (valid_B & scoreable_B.astype(bool)).astype(jnp.float32)
     sums = {name: (v * hit_w).sum() for name, v in metrics_from_rank(rank_B, ks).items()}
@@ -108,21 +108,25 @@ def rank_batch(
     valid rows (the denominator: valid but unscoreable rows are misses). ``scoreable_B`` None = all.
     No value checks (jitted); :func:`evaluate` validates."""
     scoreable_B = valid_B if scoreable_B is None else scoreable_B
-    sums, count = _batch_stats(queries_BxD, items_NxD, target_B, exclude_BxH, valid_B, scoreable_B, ks, impl)
+    scores_BxN = score_matrix(queries_BxD, items_NxD, impl)
+    sums, count = _score_stats(scores_BxN, target_B, exclude_BxH, valid_B, scoreable_B, ks)
     return {**sums, "count": count}
 
 
-@partial(jax.jit, static_argnames=("ks", "impl"))
-def _evaluate_batch(queries_BxD, items_NxD, target_B, exclude_BxH, valid_B, scoreable_B, rate_B, ks, impl):
-    """``rank_batch`` plus the sums of ``rate_B`` masks over valid rows and out-of-range counts, so that
-    ``evaluate`` checks device batches with its one transfer per batch."""
-    num_items = items_NxD.shape[0] - 1
-    sums, count = _batch_stats(queries_BxD, items_NxD, target_B, exclude_BxH, valid_B, scoreable_B, ks, impl)
+@partial(jax.jit, static_argnames=("ks",))
+def _evaluate_scores_batch(scores_BxN, target_B, exclude_BxH, valid_B, scoreable_B, rate_B, ks):
+    """Metric sums of one batch from its score matrix, plus the sums of ``rate_B`` masks over valid rows
+    and out-of-range counts, so that ``evaluate_scores`` checks device batches with one transfer."""
+    num_items = scores_BxN.shape[1] - 1
+    sums, count = _score_stats(scores_BxN, target_B, exclude_BxH, valid_B, scoreable_B, ks)
     valid_B = valid_B.astype(bool)
     rates = {name: (m.astype(bool) & valid_B).sum() for name, m in rate_B.items()}
     bad_target = (valid_B & ((target_B < 1) | (target_B > num_items))).sum()
     bad_exclude = (valid_B[:, None] & (exclude_BxH > num_items)).sum()
     return sums, count, rates, bad_target, bad_exclude
+
+
+_score_matrix_jit = jax.jit(score_matrix, static_argnames=("impl",))
 
 
 def _raise_out_of_range(name: str, x, valid_B, low: float, high: int, want: str) -> None:
@@ -142,25 +146,43 @@ def evaluate(
     impl: str = "auto",
     row_rates: Sequence[str] = (),
 ) -> dict[str, float]:
-    """Mean metrics over all valid rows. ``query_fn(batch) -> queries_BxD`` (jit it yourself); batches
-    follow the evaluation contract in recjax/data/types.py, optionally with ``scoreable`` (B,) bool
-    (``valid & ~scoreable`` rows are misses). Each name in ``row_rates`` is a (B,) bool batch key whose
-    mean over valid rows is returned as ``<name>_rate``. Batches may be numpy or device arrays."""
-    ks = tuple(sorted(set(int(k) for k in ks)))
+    """Mean metrics over all valid rows of dot-product retrieval. ``query_fn(batch) -> queries_BxD`` (jit it
+    yourself); batches follow the evaluation contract in recjax/data/types.py, optionally with ``scoreable``
+    (B,) bool (``valid & ~scoreable`` rows are misses). Each name in ``row_rates`` is a (B,) bool batch key
+    whose mean over valid rows is returned as ``<name>_rate``. Batches may be numpy or device arrays."""
     validation.check_shape("items_NxD", items_NxD, (None, None))
     validation.check_dtype("items_NxD", items_NxD, "f")
-    num_items = items_NxD.shape[0] - 1
-    if not ks or ks[0] < 1 or ks[-1] > num_items:
-        raise ValueError(f"ks: expected cutoffs in [1, {num_items}] (number of items), got {ks}")
     check_impl(impl)
-    totals: dict[str, float] = {}
-    rate_totals = {name: 0.0 for name in row_rates}
-    count = 0.0
-    for batch in batches:
+
+    def score_fn(batch: dict) -> jax.Array:
         queries_BxD = query_fn(batch)
         b = np.shape(batch["target"])[0]
         validation.check_shape("query_fn(batch)", queries_BxD, (b, items_NxD.shape[1]))
         validation.check_dtype("query_fn(batch)", queries_BxD, "f")
+        return _score_matrix_jit(queries_BxD, items_NxD, impl=impl)
+
+    return evaluate_scores(score_fn, items_NxD.shape[0] - 1, batches, ks=ks, row_rates=row_rates)
+
+
+def evaluate_scores(
+    score_fn: Callable[[dict], jax.Array],
+    num_items: int,
+    batches: Iterable[dict],
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    row_rates: Sequence[str] = (),
+) -> dict[str, float]:
+    """:func:`evaluate` for models whose scores are not one query vector times an item table (e.g. LIME's
+    item-specific link weights): ``score_fn(batch) -> scores_BxN`` float, N = num_items + 1 (column 0 =
+    padding). Same rows, ranks and metrics as :func:`evaluate`."""
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    if not ks or ks[0] < 1 or ks[-1] > num_items:
+        raise ValueError(f"ks: expected cutoffs in [1, {num_items}] (number of items), got {ks}")
+    totals: dict[str, float] = {}
+    rate_totals = {name: 0.0 for name in row_rates}
+    count = 0.0
+    for batch in batches:
+        b = np.shape(batch["target"])[0]
         validation.check_dtype("batch['target']", batch["target"], "iu")
         validation.check_shape("batch['exclude']", batch["exclude"], (b, None))
         validation.check_dtype("batch['exclude']", batch["exclude"], "iu")
@@ -170,16 +192,17 @@ def evaluate(
         rate_B = {name: batch[name] for name in row_rates}
         for name, m in rate_B.items():
             validation.check_shape(f"batch[{name!r}]", m, (b,))
-        stats = _evaluate_batch(
-            queries_BxD,
-            items_NxD,
+        scores_BxN = score_fn(batch)
+        validation.check_shape("score_fn(batch)", scores_BxN, (b, num_items + 1))
+        validation.check_dtype("score_fn(batch)", scores_BxN, "f")
+        stats = _evaluate_scores_batch(
+            scores_BxN,
             jnp.asarray(batch["target"]),
             jnp.asarray(batch["exclude"]),
             jnp.asarray(batch["valid"]),
             jnp.asarray(scoreable),
             {k: jnp.asarray(v) for k, v in rate_B.items()},
             ks=ks,
-            impl=impl,
         )
         sums, c, rates, bad_target, bad_exclude = jax.device_get(stats)  # one transfer per batch
         if bad_target:
