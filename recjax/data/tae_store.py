@@ -108,8 +108,10 @@ class TAEStore:
     def version_info(self, version: int) -> dict:
         info = self.versions().get(int(version))
         if info is None:
-            raise KeyError(f"version: FM version {version} is not in the store {self.path} "
-                           f"(versions {sorted(self.versions())})")  # fmt: skip
+            raise KeyError(
+                f"version: FM version {version} is not in the store {self.path} "
+                f"(versions {sorted(self.versions())})"
+            )
         return info
 
     def create_version(self, version: int, dim: int, *, dtype: str = "float16", note: str = "") -> None:
@@ -124,8 +126,14 @@ class TAEStore:
             m = self.manifest()
             if str(version) in m["versions"]:
                 raise ValueError(f"version: FM version {version} already exists in {self.path}")
-            m["versions"][str(version)] = {"dim": int(dim), "dtype": dtype, "note": note, "sealed": False,
-                                           "chunk_rows": self.chunk_rows, "tables": {}}  # fmt: skip
+            m["versions"][str(version)] = {
+                "dim": int(dim),
+                "dtype": dtype,
+                "note": note,
+                "sealed": False,
+                "chunk_rows": self.chunk_rows,
+                "tables": {},
+            }
             self._write_manifest(m)
 
     def seal(self, version: int) -> None:
@@ -144,8 +152,10 @@ class TAEStore:
                 raise ValueError(f"version: FM version {version} is sealed (read-only)")
             got = info["tables"].get(table, {"rows": 0})["rows"]
             if got != old_rows:
-                raise RuntimeError(f"table {table!r} of version {version}: another writer appended "
-                                   f"({got} rows committed, this writer expected {old_rows})")  # fmt: skip
+                raise RuntimeError(
+                    f"table {table!r} of version {version}: another writer appended "
+                    f"({got} rows committed, this writer expected {old_rows})"
+                )
             info["tables"][table] = {"rows": int(new_rows)}
             self._write_manifest(m)
 
@@ -158,8 +168,10 @@ class TAEStore:
             "kvstore": {"driver": "file", "path": str(self.path / f"v{version}" / table / name)},
         }
         if create:
-            return ts.open(spec, open=True, create=True, dtype=dtype, shape=[_MAX_ROWS, width],
-                           chunk_layout=ts.ChunkLayout(chunk_shape=[info["chunk_rows"], width])).result()  # fmt: skip
+            layout = ts.ChunkLayout(chunk_shape=[info["chunk_rows"], width])
+            return ts.open(
+                spec, open=True, create=True, dtype=dtype, shape=[_MAX_ROWS, width], chunk_layout=layout
+            ).result()
         return ts.open(spec, open=True).result()
 
     def writer(self, version: int, table: str) -> TAEWriter:
@@ -209,8 +221,10 @@ class TAEWriter:
         new = np.sort(keys)
         dup = (len(np.unique(new)) != k) or np.isin(new, self._seen).any()
         if dup:
-            raise ValueError(f"users / items: a (user, item) key is already in table {self.table!r} of "
-                             f"version {self.version} (or repeated in this append)")  # fmt: skip
+            raise ValueError(
+                f"users / items: a (user, item) key is already in table {self.table!r} of "
+                f"version {self.version} (or repeated in this append)"
+            )
         if not k:
             return
         lo, hi = self.rows, self.rows + k
@@ -229,8 +243,11 @@ class TAEReader:
     def __init__(self, store: TAEStore, version: int, table: str, rows: int, dim: int):
         self.store, self.version, self.table, self.rows, self.dim = store, version, table, rows, dim
         ctx = ts.Context({"cache_pool": {"total_bytes_limit": 1 << 30}})
-        spec = lambda n: {"driver": "zarr3", "kvstore": {"driver": "file",  # noqa: E731
-                          "path": str(store.path / f"v{version}" / table / n)}}  # fmt: skip
+
+        def spec(n):
+            path = str(store.path / f"v{version}" / table / n)
+            return {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
+
         self._tae = ts.open(spec("tae"), open=True, context=ctx).result()
         keys = np.asarray(ts.open(spec("keys"), open=True).result()[:rows].read().result())
         k = _key(keys[:, 0], keys[:, 1])
@@ -250,9 +267,11 @@ class TAEReader:
         found = (self._sorted[idx] == keys) if len(self._sorted) else np.zeros(len(keys), bool)
         if not found.all():
             i = int(np.argmin(found))
-            raise KeyError(f"users / items: no TAE for (user {int(np.asarray(users)[i])}, item "
-                           f"{int(np.asarray(items)[i])}) in table {self.table!r} of version {self.version} "
-                           f"({int((~found).sum())} of {len(keys)} keys missing)")  # fmt: skip
+            raise KeyError(
+                f"users / items: no TAE for (user {int(np.asarray(users)[i])}, item "
+                f"{int(np.asarray(items)[i])}) in table {self.table!r} of version {self.version} "
+                f"({int((~found).sum())} of {len(keys)} keys missing)"
+            )
         return self._order[idx]
 
     def get(self, users: np.ndarray, items: np.ndarray, *, version: int | None = None) -> np.ndarray:
