@@ -120,6 +120,21 @@ def occupation_surfaces(
     return Surfaces(tuple(n for n, _ in groups), "rating", user_surface=code_to_group[codes])
 
 
+def item_group_surfaces(dataset: SequenceDataset, feature: str, num_groups: int) -> Surfaces:
+    """Next-item surfaces from a categorical item feature (rows, 1), codes 1.. (e.g. the synthetic
+    dataset's ``genre``): surface = (code - 1) % num_groups. For tiny runs and tests."""
+    check_positive("num_groups", num_groups)
+    if feature not in dataset.item_features or dataset.item_features[feature].shape[1] != 1:
+        raise ValueError(
+            f"feature: {feature!r} is not a categorical (rows, 1) item feature of {dataset.name!r}"
+        )
+    codes = dataset.item_features[feature][:, 0].astype(np.int64)
+    if (codes[1:] < 1).any():
+        raise ValueError(f"feature: {feature!r} has unknown (0) codes on real items")
+    surface = np.where(np.arange(len(codes)) == 0, -1, (codes - 1) % num_groups).astype(np.int32)
+    return Surfaces(tuple(f"{feature}{g}" for g in range(num_groups)), "next_item", item_surface=surface)
+
+
 def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 

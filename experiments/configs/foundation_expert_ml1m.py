@@ -1,0 +1,34 @@
+"""Foundation–Expert with HyperCast on MovieLens-1M: five genre-group surfaces (recjax.data.surfaces), next
+item within the surface, leave-one-out, full-surface ranking (HR@10 / NDCG@10 / MRR) and NE on the target
+plus 4 sampled negatives. FMs of 2 and 8 HSTU blocks (d=50, 2 heads of 25), experts per surface, 3 seeds.
+
+Command (GPU, one H200): python -m experiments.foundation_expert \
+    --config experiments/configs/foundation_expert_ml1m.py --workdir runs/fe_ml1m
+Reached: not run yet (the numbers go to benchmarks/RESULTS.md with card, date and command).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = ""):
+    c = ml_collections.ConfigDict()
+    c.data = dict(
+        name="ml-1m", max_len=200, num_negatives=4, positions_per_user=32, expert_positions_per_user=32
+    )
+    c.fm = dict(embed_dim=50, num_heads=2, attention_dim=25, linear_dim=25, dropout=0.2)
+    c.fm_blocks = (2, 8)  # FM1 (small), FM2 (large): the transfer ratio compares them
+    c.fm_train = dict(
+        batch_size=128,
+        num_epochs=30,
+        learning_rate=1e-3,
+        patience=5,
+        eval_candidates=256,
+        eval_batch_size=64,
+        max_valid_rows=1000,
+    )
+    c.expert = dict(embed_dim=32, hidden_dim=64, history_len=10)
+    c.expert_train = dict(batch_size=512, num_epochs=20, learning_rate=1e-3, patience=3)
+    c.seeds = (0, 1, 2)
+    c.flops_candidates = 256  # candidates per request for the FLOPs column
+    c.tae_dtype = "float16"
+    return c

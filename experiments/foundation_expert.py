@@ -1,0 +1,253 @@
+"""Foundation–Expert with HyperCast (arXiv 2508.02929): the per-surface table and the transfer ratio.
+
+For each seed: train a small and a large FM (``config.fm_blocks``, e.g. 2 and 8 HSTU blocks) on all surfaces
+with the one Trainer; HyperCast-log each FM's TAE for the experts' train / valid / test impressions into the
+store (``WORKDIR/store``, version = 1000 * seed + blocks, sealed); then train per surface the expert alone
+and the expert on each FM's TAE. The table, per surface (mean ± std over seeds): expert alone, expert + FM
+TAE (large FM), FM alone (large), with FLOPs per request (``config.flops_candidates`` candidates); the
+transfer ratio per surface TR = (NE(expert|FM1) - NE(expert|FM2)) / (NE(FM1) - NE(FM2)) from the seed means.
+
+    python -m experiments.foundation_expert --config experiments/configs/foundation_expert_ml1m.py \
+        --workdir runs/fe_ml1m [--seeds 0,1,2]
+
+Finished runs are reused (each Trainer workdir resumes; a sealed store version is not logged again).
+Writes WORKDIR/results.json and WORKDIR/table.md and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import shutil
+import sys
+import time
+
+import numpy as np
+from flax import nnx
+
+from recjax.data import registry
+from recjax.data import surfaces as S
+from recjax.data.tae_store import TAEStore
+from recjax.models import experts as X
+from recjax.models import foundation as F
+from recjax.train.trainer import TrainConfig, Trainer
+
+
+def load_config(path: str):
+    spec = importlib.util.spec_from_file_location("fe_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def build_data(c) -> S.SurfaceData:
+    d = c.data
+    if d.name == "synthetic":
+        ds = registry.load({"name": "synthetic", "synthetic": dict(d.synthetic)})
+        surfaces = S.item_group_surfaces(ds, "genre", d.surface_groups)
+    elif d.name == "ml-1m":
+        ds = registry.load({"name": "ml-1m"})
+        surfaces = S.genre_surfaces(ds)
+    elif d.name == "ml-100k":
+        ds = registry.load({"name": "ml-100k"})
+        surfaces = S.occupation_surfaces(ds)
+    else:
+        raise ValueError(f"data.name: expected 'ml-1m', 'ml-100k' or 'synthetic', got {d.name!r}")
+    return S.SurfaceData(ds, surfaces, max_len=d.max_len, num_negatives=d.num_negatives)
+
+
+def _train_cfg(t, seed: int, progress: bool) -> TrainConfig:
+    return TrainConfig(
+        batch_size=t.batch_size,
+        num_epochs=t.num_epochs,
+        learning_rate=t.learning_rate,
+        patience=t.patience,
+        seed=seed,
+        num_devices=1,
+        progress=progress,
+        checkpoint_every_epochs=1,
+    )
+
+
+def _fm_config(c, data, blocks: int) -> F.FoundationConfig:
+    return F.FoundationConfig(
+        num_items=data.num_items,
+        num_surfaces=data.surfaces.num_surfaces,
+        max_len=data.max_len,
+        num_blocks=blocks,
+        **dict(c.fm),
+    )
+
+
+def run_seed(c, data, seed: int, workdir: pathlib.Path, store: TAEStore, progress: bool) -> dict:
+    ft = c.fm_train
+    fm_task = F.FoundationTask(
+        data,
+        batch_size=ft.batch_size,
+        positions_per_user=c.data.positions_per_user or None,
+        eval_candidates=ft.eval_candidates,
+        eval_batch_size=ft.eval_batch_size,
+        max_valid_rows=ft.max_valid_rows,
+    )
+    imps = {
+        "train": data.train_impressions(10_000 + seed, c.data.expert_positions_per_user or None),
+        **fm_task.eval_imp,
+    }
+    out: dict = {}
+    versions = {}
+    for blocks in c.fm_blocks:
+        version = 1000 * seed + blocks
+        fm = F.FoundationModel(_fm_config(c, data, blocks), rngs=nnx.Rngs(seed))
+        trainer = Trainer(
+            fm, fm_task, _train_cfg(ft, seed, progress), workdir / f"seed{seed}" / f"fm{blocks}"
+        )
+        res = trainer.fit()
+        out[f"fm{blocks}"] = res["test"]
+        info = store.versions().get(version)
+        if info is not None and not info["sealed"]:
+            raise RuntimeError(
+                f"store version {version} was left unsealed by an interrupted run; remove "
+                f"{store.path / f'v{version}'} and its manifest entry (or the store) and rerun"
+            )
+        if info is None:
+            best = trainer.eval_model(trainer.best["params"])
+            store.create_version(
+                version, best.config.embed_dim, dtype=c.tae_dtype, note=f"fm {blocks} blocks"
+            )
+            for name, imp in imps.items():
+                F.log_tae(
+                    best,
+                    data,
+                    imp,
+                    store.writer(version, name),
+                    num_candidates=ft.eval_candidates,
+                    batch_size=ft.eval_batch_size,
+                )
+            store.seal(version)
+        versions[blocks] = version
+    et = c.expert_train
+    for s, sname in enumerate(data.surfaces.names):
+        if not (imps["train"]["surface"] == s).sum() >= et.batch_size:
+            continue
+        for variant, version in [("expert", None)] + [(f"expert+fm{b}", v) for b, v in versions.items()]:
+            tae = (
+                None if version is None else {k: store.reader(version, k, require_sealed=True) for k in imps}
+            )
+            task = X.ExpertTask(
+                data,
+                s,
+                imps,
+                history_len=c.expert.history_len,
+                tae=tae,
+                fm_version=version,
+                batch_size=et.batch_size,
+            )
+            model = X.Expert(
+                task.config_for(embed_dim=c.expert.embed_dim, hidden_dim=c.expert.hidden_dim),
+                rngs=nnx.Rngs(seed),
+            )
+            wd = workdir / f"seed{seed}" / f"{variant}_{sname}"
+            out.setdefault(variant, {}).update(
+                {
+                    f"{sname}/{k}": v
+                    for k, v in Trainer(model, task, _train_cfg(et, seed, progress), wd).fit()["test"].items()
+                }
+            )
+    return out
+
+
+def summarize(c, data, results: dict[int, dict]) -> tuple[str, dict]:
+    """Markdown table + summary dict (means, stds, TR per surface)."""
+    small, large = (f"fm{b}" for b in c.fm_blocks)
+    kind = data.surfaces.kind
+    metrics = ("hr@10", "ndcg@10", "ne") if kind == "next_item" else ("auc", "ne")
+    variants = ("expert", f"expert+{large}", large, f"expert+{small}", small)
+    C = c.flops_candidates
+    fm_flops = {
+        f"fm{b}": F.fm_flops_per_request(_fm_config(c, data, b), data.max_len, C) for b in c.fm_blocks
+    }
+    ecfg = X.ExpertConfig(
+        num_items=data.num_items,
+        embed_dim=c.expert.embed_dim,
+        hidden_dim=c.expert.hidden_dim,
+        history_len=c.expert.history_len,
+    )
+    item_side, user_side = X.side_features(data)
+    ecfg_kw = dict(item_side_dim=item_side.shape[1], user_side_dim=user_side.shape[1])
+    e_flops = X.expert_flops_per_request(X.ExpertConfig(**{**ecfg.__dict__, **ecfg_kw}), C)
+    e_tae_flops = X.expert_flops_per_request(
+        X.ExpertConfig(**{**ecfg.__dict__, **ecfg_kw, "tae_dim": c.fm.embed_dim}), C
+    )
+    flops = {"expert": e_flops, **fm_flops, **{f"expert+{k}": e_tae_flops for k in fm_flops}}
+    summary: dict = {
+        "surfaces": {},
+        "flops_per_request": flops,
+        "flops_candidates": C,
+        "seeds": sorted(results),
+    }
+    lines = [
+        f"| surface | model | {' | '.join(metrics)} | MFLOPs/request ({C} cand.; expert+FM: expert only) |",
+        "|---" * (len(metrics) + 3) + "|",
+    ]
+    for sname in data.surfaces.names:
+        row: dict = {}
+        for v in variants:
+            vals = {m: [results[s].get(v, {}).get(f"{sname}/{m}", np.nan) for s in results] for m in metrics}
+            row[v] = {
+                m: (float(np.nanmean(x)), float(np.nanstd(x)))
+                for m, x in vals.items()
+                if np.isfinite(x).any()
+            }
+            if row[v]:
+                cells = " | ".join(
+                    f"{row[v][m][0]:.4f} ± {row[v][m][1]:.4f}" if m in row[v] else "-" for m in metrics
+                )
+                lines.append(f"| {sname} | {v} | {cells} | {flops[v] / 1e6:.2f} |")
+        ne = {v: row[v].get("ne", (np.nan,))[0] for v in row}
+        denom = ne.get(small, np.nan) - ne.get(large, np.nan)
+        tr = (
+            (ne.get(f"expert+{small}", np.nan) - ne.get(f"expert+{large}", np.nan)) / denom
+            if denom
+            else np.nan
+        )
+        row["transfer_ratio"] = float(tr)
+        summary["surfaces"][sname] = row
+    lines.append("")
+    lines.append(
+        f"Transfer ratio TR = (NE(expert|{small}) - NE(expert|{large})) / (NE({small}) - NE({large})), "
+        "from the seed means:"
+    )
+    lines += [f"- {s}: {summary['surfaces'][s]['transfer_ratio']:.3f}" for s in data.surfaces.names]
+    return "\n".join(lines), summary
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--seeds", default="", help="comma-separated; default: the config's")
+    p.add_argument("--fresh", action="store_true", help="delete the workdir first")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    c = load_config(a.config)
+    seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else list(c.seeds)
+    workdir = pathlib.Path(a.workdir)
+    if a.fresh and workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    data = build_data(c)
+    store = TAEStore(workdir / "store")
+    results = {s: run_seed(c, data, s, workdir, store, not a.quiet) for s in seeds}
+    table, summary = summarize(c, data, results)
+    summary.update(config=a.config, wall_s=time.time() - t0, per_seed=results)
+    (workdir / "results.json").write_text(json.dumps(summary, indent=1, default=float))
+    (workdir / "table.md").write_text(table + "\n")
+    print(table)
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
