@@ -17,6 +17,7 @@ Writes WORKDIR/results.json and WORKDIR/table.md and prints the table.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import pathlib
@@ -116,13 +117,14 @@ def run_seed(c, data, seed: int, workdir: pathlib.Path, store: TAEStore, progres
             store.create_version(
                 version, best.config.embed_dim, dtype=c.tae_dtype, note=f"fm {blocks} blocks"
             )
-            for name, imp in imps.items():
+            for name, imp in imps.items():  # training requests are narrow (a positive and its negatives)
+                width = fm_task.num_candidates if name == "train" else ft.eval_candidates
                 F.log_tae(
                     best,
                     data,
                     imp,
                     store.writer(version, name),
-                    num_candidates=ft.eval_candidates,
+                    num_candidates=width,
                     batch_size=ft.eval_batch_size,
                 )
             store.seal(version)
@@ -230,8 +232,24 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", default="", help="comma-separated; default: the config's")
     p.add_argument("--fresh", action="store_true", help="delete the workdir first")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config entry, e.g. --set fm_train.num_epochs=10 (value parsed as Python)",
+    )
     a = p.parse_args(argv)
     c = load_config(a.config)
+    for item in a.set:
+        key, _, value = item.partition("=")
+        *path, leaf = key.split(".")
+        node = c
+        for k in path:
+            node = node[k]
+        if leaf not in node:
+            raise SystemExit(f"error: --set {key}: no such config entry")
+        node[leaf] = ast.literal_eval(value)
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else list(c.seeds)
     workdir = pathlib.Path(a.workdir)
     if a.fresh and workdir.exists():
