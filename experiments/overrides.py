@@ -99,14 +99,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     ValueError/TypeError name the bad field (e.g. ``train.batch_size: expected > 0, got 0``).
     """
-    from experiments.train_lib import train_config
+    from experiments.train_lib import check_model_config, train_config
     from recjax.data.synthetic import SyntheticConfig
-    from recjax.models.registry import make_config
 
     train_config(config.train)
-    model = config.model.to_dict()
-    # num_items is only known once the data is loaded; any positive count checks the other fields.
-    make_config(model.pop("name"), 1, max_len=config.data.max_len, **model)
+    check_model_config(config)
     if "synthetic" in config.data:
         synthetic = config.data.synthetic.to_dict()
         synthetic.pop("seed", None)

@@ -42,6 +42,61 @@ def batch_iterator(pipeline: str):
     raise ValueError(f"data.pipeline: expected 'grain' or 'numpy', got {pipeline!r}")
 
 
+def check_model_config(config: ml_collections.ConfigDict) -> None:
+    """Builds the model config (and checks the ``task`` section) before any data is loaded: num_items is
+    only known then, so any positive count checks the other fields (and a placeholder the sizes that come
+    from the dataset)."""
+    from recjax.models.registry import make_config
+
+    model_cfg = config.model.to_dict()
+    name = model_cfg.pop("name")
+    if name == "lime" and model_cfg.get("contextualize", False):
+        model_cfg["user_feature_sizes"] = (1,)
+    make_config(name, 1, max_len=config.data.max_len, **model_cfg)
+    task_cfg = dict(config.get("task", {}) or {})
+    allowed = TASK_SETTINGS.get(name, ())
+    unknown = sorted(set(task_cfg) - set(allowed))
+    if unknown:
+        raise ValueError(f"task: unknown settings {unknown} for model {name!r}; valid: {sorted(allowed)}")
+
+
+def _lime_task(split, tcfg, config, batch_iter):
+    from recjax.models.lime import LimeNextItemTask, user_feature_matrix
+
+    task_cfg = dict(config.get("task", {}) or {})
+    features = None
+    if config.model.get("contextualize", False):
+        features = user_feature_matrix(split.dataset.user_features)  # every categorical user field
+    return LimeNextItemTask(
+        split,
+        max_len=config.data.max_len,
+        batch_size=tcfg.batch_size,
+        cuts_per_sequence=task_cfg.get("cuts_per_sequence", 0),
+        user_features=features,
+        loss=tcfg.loss,
+        eval_batch_size=tcfg.eval_batch_size,
+        ks=tcfg.ks,
+        early_stop_metric=tcfg.early_stop_metric,
+        batch_iter=batch_iter,
+    )
+
+
+# Models trained by a task other than NextItemTask: model name -> (split, TrainConfig, config, batch_iter)
+# -> Task. The optional ``config.task`` section holds that task's own settings.
+TASK_BUILDERS = {"lime": _lime_task}
+TASK_SETTINGS = {"lime": ("cuts_per_sequence",)}
+
+
+def model_overrides(model_name: str, model_cfg: dict, dataset) -> dict:
+    """Hyper-parameters derived from the dataset (LIME's user feature sizes when it contextualizes)."""
+    if model_name == "lime" and model_cfg.get("contextualize", False):
+        from recjax.models.lime import user_feature_matrix, user_feature_sizes
+
+        sizes = user_feature_sizes(user_feature_matrix(dataset.user_features))
+        return {**model_cfg, "user_feature_sizes": sizes}
+    return model_cfg
+
+
 def run_experiment(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, allow_change: bool | str = False
 ) -> dict[str, Any]:
@@ -55,7 +110,7 @@ def run_experiment(
 
     from recjax.data.splits import leave_one_out
     from recjax.eval import ranking
-    from recjax.models.registry import build_model, make_config
+    from recjax.models.registry import build_model
     from recjax.train import workdir as workdir_lib
     from recjax.train.tasks import NextItemTask
     from recjax.train.trainer import Trainer
@@ -64,7 +119,7 @@ def run_experiment(
     tcfg = train_config(config.train)
     model_cfg = config.model.to_dict()
     model_name = model_cfg.pop("name")
-    make_config(model_name, 1, max_len=config.data.max_len, **model_cfg)
+    check_model_config(config)
     batch_iter = batch_iterator(config.data.pipeline)
     config_dict = json.loads(config.to_json_best_effort())
     with workdir_lib.WorkdirLock(workdir):
@@ -82,9 +137,12 @@ def run_experiment(
             dataset.num_items,
             max_len=config.data.max_len,
             rngs=nnx.Rngs(params=tcfg.seed, dropout=tcfg.seed + 1),
-            **model_cfg,
+            **model_overrides(model_name, model_cfg, dataset),
         )
-        task = NextItemTask.from_config(split, tcfg, max_len=config.data.max_len, batch_iter=batch_iter)
+        if model_name in TASK_BUILDERS:
+            task = TASK_BUILDERS[model_name](split, tcfg, config, batch_iter)
+        else:
+            task = NextItemTask.from_config(split, tcfg, max_len=config.data.max_len, batch_iter=batch_iter)
         results = Trainer(model, task, tcfg, workdir).fit()
         from recjax.data import batching
 

@@ -63,6 +63,34 @@ def hstu_model(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(cfg)
 
 
+def lime_model(**overrides) -> ml_collections.ConfigDict:
+    # LIME (recjax/models/lime.py) at our HSTU's size: d=50, 2 layers, 1 head, dqk = dv = 50; 16 links.
+    cfg = {
+        "name": "lime",
+        "attention": "xor",  # "xor" (LIME-XOR) or "mha" (LIME-MHA)
+        "num_links": 16,
+        "embed_dim": 50,
+        "num_layers": 2,
+        "num_heads": 1,
+        "attention_dim": 50,
+        "linear_dim": 50,
+        "ffn_hidden_dim": 50,
+        "dropout": 0.2,
+        "contextualize": True,  # links + MLP(user features); the dataset must have user features
+        "scorer": "dot",  # "dot" (cosine) or "mlp"
+        "l2_normalize": True,
+    }
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
+def lime_task(**overrides) -> ml_collections.ConfigDict:
+    # LimeNextItemTask: (prefix -> next item) requests per training sequence and step; 0 = every position.
+    cfg = {"cuts_per_sequence": 0}
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
 def train_config(**overrides) -> ml_collections.ConfigDict:
     # Sampled softmax, 128 uniform negatives, temperature 0.05, AdamW lr 1e-3 (generative-recommenders).
     cfg = {

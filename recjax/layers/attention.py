@@ -21,7 +21,8 @@ Deviations from generative-recommenders (research/modeling/sequential/hstu.py), 
 - The time bias uses ``ts[t] - ts[s]`` (query's own time); GR uses the *next* item's time for the query.
   MovieLens-1M sequential data here has no timestamps, so by default only the position bias is used.
 
-Letters: B batch, L sequence, D model dim, H heads, A per-head q/k dim, V per-head value dim.
+Letters: B batch, L sequence (queries), S keys (= L for self-attention), C appended candidates, D model dim,
+H heads, A per-head q/k dim, V per-head value dim.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ def causal_attention_mask(valid_BxL: jax.Array) -> jax.Array:
 
 
 class CausalSelfAttention(nnx.Module):
-    """Softmax multi-head attention: ``attn(query_BxLxD, kv_BxLxD, allowed_BxLxL) -> BxLxD``."""
+    """Softmax multi-head attention: ``attn(query_BxLxD, kv_BxSxD, allowed_BxLxS) -> BxLxD``.
+
+    Self-attention (SASRec: S = L, causal mask) or cross-attention (LIME's links querying the history:
+    L = links, S = history); every query row needs at least one allowed key."""
 
     def __init__(self, d_model: int, num_heads: int, *, dropout: float = 0.0, rngs: nnx.Rngs):
         validation.check_positive("d_model", d_model)
@@ -63,13 +67,23 @@ class CausalSelfAttention(nnx.Module):
         self.out_proj = nnx.Linear(d_model, d_model, kernel_init=init, rngs=rngs)
         self.attn_dropout = nnx.Dropout(dropout, rngs=rngs)
 
-    def __call__(self, query_BxLxD: jax.Array, kv_BxLxD: jax.Array, allowed_BxLxL: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        query_BxLxD: jax.Array,
+        kv_BxLxD: jax.Array,
+        allowed_BxLxL: jax.Array,
+        bias_BxHxLxS: jax.Array | None = None,
+    ) -> jax.Array:
+        """``bias_BxHxLxS`` (optional, broadcastable): added to the logits before the softmax."""
         B, L, D = query_BxLxD.shape
+        S = kv_BxLxD.shape[1]
         H = self.num_heads
         q_BxLxHxA = self.q_proj(query_BxLxD).reshape(B, L, H, D // H)
-        k_BxLxHxA = self.k_proj(kv_BxLxD).reshape(B, L, H, D // H)
-        v_BxLxHxA = self.v_proj(kv_BxLxD).reshape(B, L, H, D // H)
+        k_BxLxHxA = self.k_proj(kv_BxLxD).reshape(B, S, H, D // H)
+        v_BxLxHxA = self.v_proj(kv_BxLxD).reshape(B, S, H, D // H)
         logits_BxHxLxL = jnp.einsum("bthd,bshd->bhts", q_BxLxHxA, k_BxLxHxA) / math.sqrt(D // H)
+        if bias_BxHxLxS is not None:
+            logits_BxHxLxL = logits_BxHxLxL + bias_BxHxLxS
         logits_BxHxLxL = jnp.where(allowed_BxLxL[:, None], logits_BxHxLxL, _NEG_INF)
         probs_BxHxLxL = self.attn_dropout(jax.nn.softmax(logits_BxHxLxL, axis=-1))
         out_BxLxHxA = jnp.einsum("bhts,bshd->bthd", probs_BxHxLxL, v_BxLxHxA)
@@ -130,3 +144,23 @@ def hstu_pointwise_attention(
     weights_BxHxLxL = jax.nn.silu(logits_BxHxLxL) / norm_length
     weights_BxHxLxL = jnp.where(allowed_BxLxL[:, None], weights_BxHxLxL, 0.0)
     return jnp.einsum("bhts,bshd->bthd", weights_BxHxLxL, v_BxLxHxV)
+
+
+def hstu_candidate_attention(
+    q_cand_BxCxHxA: jax.Array,
+    k_cand_BxCxHxA: jax.Array,
+    v_cand_BxCxHxV: jax.Array,
+    k_hist_BxLxHxA: jax.Array,
+    v_hist_BxLxHxV: jax.Array,
+    valid_BxL: jax.Array,
+    norm_length: int,
+) -> jax.Array:
+    """HSTU target attention of appended candidates (plain jax.numpy): each candidate attends to every real
+    history item and to itself only, ``sum_s silu(q_c . k_s) / n * v_s + silu(q_c . k_c) / n * v_c``, so a
+    candidate's output never depends on the other candidates. O(C L) instead of the (L + C)^2 of a dense
+    mask. No relative bias on candidate rows (they have no position of their own). -> (B, C, H, V)."""
+    w_BxHxCxL = jax.nn.silu(jnp.einsum("bcha,blha->bhcl", q_cand_BxCxHxA, k_hist_BxLxHxA)) / norm_length
+    w_BxHxCxL = jnp.where(valid_BxL[:, None, None, :], w_BxHxCxL, 0.0)
+    out_BxCxHxV = jnp.einsum("bhcl,blhv->bchv", w_BxHxCxL, v_hist_BxLxHxV)
+    self_BxCxH = jax.nn.silu(jnp.sum(q_cand_BxCxHxA * k_cand_BxCxHxA, axis=-1)) / norm_length
+    return out_BxCxHxV + self_BxCxH[..., None] * v_cand_BxCxHxV

@@ -27,6 +27,7 @@ Letters: B batch, L sequence, D embed_dim, H heads, A attention_dim (q/k per hea
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -34,7 +35,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from recjax import validation
-from recjax.layers.attention import RelativeAttentionBias, causal_attention_mask, hstu_pointwise_attention
+from recjax.layers.attention import (
+    RelativeAttentionBias,
+    causal_attention_mask,
+    hstu_candidate_attention,
+    hstu_pointwise_attention,
+)
 from recjax.layers.feedforward import ACTIVATIONS, ffn_kinds, make_ffn
 from recjax.models.sasrec import SequenceEmbedding, SequentialRecommender
 
@@ -127,6 +133,24 @@ class HSTUBlock(nnx.Module):
             self.ffn_norm = None
             self.ffn = None
 
+    def _uvqk(self, x_BxTxD: jax.Array):
+        cfg = self.config
+        B, T, _ = x_BxTxD.shape
+        H, A, V = cfg.num_heads, cfg.attention_dim, cfg.linear_dim
+        uvqk_BxTxF = jax.nn.silu(self.input_norm(x_BxTxD) @ self.uvqk[...])
+        u, v, q, k = jnp.split(uvqk_BxTxF, [H * V, 2 * H * V, 2 * H * V + H * A], axis=-1)
+        return u, v.reshape(B, T, H, V), q.reshape(B, T, H, A), k.reshape(B, T, H, A)
+
+    def _update(
+        self, x_BxTxD: jax.Array, u_BxTxHV: jax.Array, attn_BxTxHxV: jax.Array, valid_BxT
+    ) -> jax.Array:
+        B, T, _ = x_BxTxD.shape
+        gated_BxTxHV = u_BxTxHV * self.attn_norm(attn_BxTxHxV.reshape(B, T, -1))
+        x_BxTxD = x_BxTxD + self.out_proj(self.out_dropout(gated_BxTxHV))
+        if self.ffn is not None:
+            x_BxTxD = x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD), valid_BxT)
+        return x_BxTxD * valid_BxT[..., None]
+
     def __call__(
         self,
         x_BxLxD: jax.Array,
@@ -134,27 +158,30 @@ class HSTUBlock(nnx.Module):
         allowed_BxLxL: jax.Array,
         timestamps_BxL: jax.Array | None,
     ) -> jax.Array:
-        cfg = self.config
-        B, L, _ = x_BxLxD.shape
-        H, A, V = cfg.num_heads, cfg.attention_dim, cfg.linear_dim
-        uvqk_BxLxF = jax.nn.silu(self.input_norm(x_BxLxD) @ self.uvqk[...])
-        u_BxLxHV, v_BxLxHV, q_BxLxHA, k_BxLxHA = jnp.split(
-            uvqk_BxLxF, [H * V, 2 * H * V, 2 * H * V + H * A], axis=-1
-        )
+        L = x_BxLxD.shape[1]
+        u_BxLxHV, v_BxLxHxV, q_BxLxHxA, k_BxLxHxA = self._uvqk(x_BxLxD)
         bias_BxLxL = None if self.relative_bias is None else self.relative_bias(L, timestamps_BxL)
         attn_BxLxHxV = hstu_pointwise_attention(
-            q_BxLxHA.reshape(B, L, H, A),
-            k_BxLxHA.reshape(B, L, H, A),
-            v_BxLxHV.reshape(B, L, H, V),
-            bias_BxLxL,
-            allowed_BxLxL,
-            cfg.max_len,
+            q_BxLxHxA, k_BxLxHxA, v_BxLxHxV, bias_BxLxL, allowed_BxLxL, self.config.max_len
         )
-        gated_BxLxHV = u_BxLxHV * self.attn_norm(attn_BxLxHxV.reshape(B, L, H * V))
-        x_BxLxD = x_BxLxD + self.out_proj(self.out_dropout(gated_BxLxHV))
-        if self.ffn is not None:
-            x_BxLxD = x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD), valid_BxL)
-        return x_BxLxD * valid_BxL[..., None]
+        return self._update(x_BxLxD, u_BxLxHV, attn_BxLxHxV, valid_BxL)
+
+    def with_candidates(
+        self,
+        x_BxLxD: jax.Array,
+        cand_BxCxD: jax.Array,
+        valid_BxL: jax.Array,
+        allowed_BxLxL: jax.Array,
+        timestamps_BxL: jax.Array | None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """The block over [history; candidates]: history causal (as ``__call__``), each candidate attending
+        to the history and itself (:func:`hstu_candidate_attention`). -> (history, candidates)."""
+        _, v_h, _, k_h = self._uvqk(x_BxLxD)
+        u_c, v_c, q_c, k_c = self._uvqk(cand_BxCxD)
+        attn_c = hstu_candidate_attention(q_c, k_c, v_c, k_h, v_h, valid_BxL, self.config.max_len)
+        cand_valid_BxC = jnp.ones(cand_BxCxD.shape[:2], bool)
+        new_x = self(x_BxLxD, valid_BxL, allowed_BxLxL, timestamps_BxL)
+        return new_x, self._update(cand_BxCxD, u_c, attn_c, cand_valid_BxC)
 
 
 class HSTU(SequentialRecommender):
@@ -178,3 +205,27 @@ class HSTU(SequentialRecommender):
         for block in self.blocks:
             x_BxLxD = block(x_BxLxD, valid_BxL, allowed_BxLxL, timestamps_BxL)
         return x_BxLxD.astype(jnp.float32)
+
+    def with_candidates(
+        self,
+        inputs_BxL: jax.Array,
+        mask_BxL: jax.Array,
+        candidates_BxC: jax.Array,
+        timestamps_BxL: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Target-aware HSTU: candidate tokens (item ids, (B, C)) appended after the history; history
+        causal, each candidate attends to the history and itself. -> (hidden_BxLxD, candidates_BxCxD);
+        a candidate's output does not depend on the other candidates."""
+        valid_BxL = self._valid(inputs_BxL, mask_BxL)
+        validation.check_shape("candidates_BxC", candidates_BxC, (inputs_BxL.shape[0], None))
+        validation.check_range("candidates_BxC", candidates_BxC, 1, self.config.num_items + 1)
+        allowed_BxLxL = causal_attention_mask(valid_BxL)
+        x_BxLxD = self.embedding(inputs_BxL.astype(jnp.int32), valid_BxL)
+        c_BxCxD = self.embedding.items[...][candidates_BxC.astype(jnp.int32)] * math.sqrt(
+            self.config.embed_dim
+        )
+        for block in self.blocks:
+            x_BxLxD, c_BxCxD = block.with_candidates(
+                x_BxLxD, c_BxCxD, valid_BxL, allowed_BxLxL, timestamps_BxL
+            )
+        return x_BxLxD.astype(jnp.float32), c_BxCxD.astype(jnp.float32)

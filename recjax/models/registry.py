@@ -14,11 +14,13 @@ from typing import Any
 from flax import nnx
 
 from recjax.models.hstu import HSTU, HSTUConfig
+from recjax.models.lime import LIME, LimeConfig
 from recjax.models.sasrec import SASRec, SASRecConfig
 
 MODELS: dict[str, tuple[type, type]] = {
     "sasrec": (SASRec, SASRecConfig),
     "hstu": (HSTU, HSTUConfig),
+    "lime": (LIME, LimeConfig),
 }
 
 

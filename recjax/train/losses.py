@@ -96,6 +96,34 @@ def sample_negative_ids(
     raise ValueError(f"negatives: expected one of {NEGATIVE_SAMPLERS}, got {negatives!r}")
 
 
+def softmax_over_sampled(
+    pos_logit_E: jax.Array,
+    neg_logit_ExR: jax.Array,
+    hit_ExR: jax.Array,
+    valid_E: jax.Array,
+    temperature: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The sampled-softmax objective from its logits (any leading shape E): per valid row,
+    ``logsumexp([pos, negs] / T) - pos / T`` with ``hit`` negatives (accidental hits, padding) masked out;
+    averaged over valid rows. Shared by :func:`sampled_softmax_loss` and models whose logits are not one
+    query times an item table (LIME). Metrics as :func:`sampled_softmax_loss`'s."""
+    logits_Ex1pR = jnp.concatenate(
+        [pos_logit_E[..., None], jnp.where(hit_ExR, _MASKED_LOGIT, neg_logit_ExR)], axis=-1
+    ) / jnp.float32(temperature)
+    # The positive column is never masked, so the logsumexp is finite even when every negative is a hit.
+    per_row_E = jax.nn.logsumexp(logits_Ex1pR, axis=-1) - logits_Ex1pR[..., 0]
+    loss, count = _masked_mean(per_row_E, valid_E)
+    best_neg_E = jnp.max(jnp.where(hit_ExR, -jnp.inf, neg_logit_ExR), axis=-1)
+    metrics = {
+        "loss": loss,
+        "num_valid": count,
+        "sampled_accuracy": _masked_mean((pos_logit_E > best_neg_E).astype(jnp.float32), valid_E)[0],
+        "positive_logit": _masked_mean(pos_logit_E, valid_E)[0],
+        "accidental_hit_rate": _masked_mean(hit_ExR.mean(axis=-1), valid_E)[0],
+    }
+    return loss, metrics
+
+
 def sampled_softmax_loss(
     hidden_BxLxD: jax.Array,
     targets_BxL: jax.Array,
@@ -138,21 +166,7 @@ def sampled_softmax_loss(
         neg_logit_BxLxR = jnp.einsum("bld,rd->blr", query_BxLxD, neg_RxD)
         hit_BxLxR = (neg_ids[None, None, :] == targets_BxL[..., None]) | (neg_ids == 0)[None, None, :]
 
-    logits_BxLx1pR = jnp.concatenate(
-        [pos_logit_BxL[..., None], jnp.where(hit_BxLxR, _MASKED_LOGIT, neg_logit_BxLxR)], axis=-1
-    ) / jnp.float32(temperature)
-    # The positive column is never masked, so the logsumexp is finite even when every negative is a hit.
-    per_position_BxL = jax.nn.logsumexp(logits_BxLx1pR, axis=-1) - logits_BxLx1pR[..., 0]
-    loss, count = _masked_mean(per_position_BxL, valid_BxL)
-    best_neg_BxL = jnp.max(jnp.where(hit_BxLxR, -jnp.inf, neg_logit_BxLxR), axis=-1)
-    metrics = {
-        "loss": loss,
-        "num_valid": count,
-        "sampled_accuracy": _masked_mean((pos_logit_BxL > best_neg_BxL).astype(jnp.float32), valid_BxL)[0],
-        "positive_logit": _masked_mean(pos_logit_BxL, valid_BxL)[0],
-        "accidental_hit_rate": _masked_mean(hit_BxLxR.mean(axis=-1), valid_BxL)[0],
-    }
-    return loss, metrics
+    return softmax_over_sampled(pos_logit_BxL, neg_logit_BxLxR, hit_BxLxR, valid_BxL, temperature)
 
 
 def bce_loss(
