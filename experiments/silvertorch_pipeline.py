@@ -58,8 +58,9 @@ from recjax.data import batching
 from recjax.data.movielens import GENRES, load_ml1m_sequential, load_ml100k
 from recjax.data.splits import LeaveOneOut
 from recjax.data.types import SequenceDataset
+from recjax.eval.classification import auc
 from recjax.models.registry import build_model
-from recjax.models.silvertorch_scorer import ScorerTask, auc, predict, scorer_examples
+from recjax.models.silvertorch_scorer import ScorerTask, predict, scorer_examples
 from recjax.retrieval import fresh_index as fi
 from recjax.retrieval import multitask_data as mt
 from recjax.retrieval.overarch import OverArch, OverArchConfig

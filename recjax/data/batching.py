@@ -53,7 +53,7 @@ def _as_id_array(name: str, index: int, seq, num_items: int | None) -> np.ndarra
     return arr.astype(np.int32)
 
 
-def _left_pad(rows: Sequence[np.ndarray], width: int) -> np.ndarray:
+def left_pad(rows: Sequence[np.ndarray], width: int) -> np.ndarray:
     out = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
         r = r[-width:] if width else r[:0]
@@ -85,10 +85,10 @@ def make_train_examples(
         inputs.append(s[:-1])
         targets.append(s[1:])
         users.append(u)
-    inputs_NxL = _left_pad(inputs, max_len)
+    inputs_NxL = left_pad(inputs, max_len)
     return {
         "inputs": inputs_NxL,
-        "targets": _left_pad(targets, max_len),
+        "targets": left_pad(targets, max_len),
         "mask": inputs_NxL != 0,
         "user": np.asarray(users, np.int32),
     }
@@ -143,7 +143,7 @@ def make_eval_examples(
     exclude_NxH = np.zeros((len(history), width), np.int32)
     for i, h in enumerate(history):
         exclude_NxH[i, : len(h)] = h
-    inputs_NxL = _left_pad(rows, max_len)
+    inputs_NxL = left_pad(rows, max_len)
     return {
         "inputs": inputs_NxL,
         "mask": inputs_NxL != 0,

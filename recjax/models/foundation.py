@@ -38,10 +38,10 @@ from flax import nnx
 from recjax import validation
 from recjax.data.surfaces import SurfaceData
 from recjax.eval import ranking
+from recjax.eval.classification import auc, normalized_entropy
 from recjax.layers.target_aware import candidate_attention_mask
 from recjax.models.hstu import HSTUBlock, HSTUConfig
 from recjax.models.sasrec import SequenceEmbedding
-from recjax.models.silvertorch_scorer import auc
 from recjax.train.tasks import Task
 
 
@@ -206,18 +206,6 @@ def log_tae(
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def normalized_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """NE: mean BCE of the predictions over the entropy of the base rate (lower is better; 1 = base rate)."""
-    logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
-    if not len(labels):
-        return float("nan")
-    p = labels.mean()
-    if p in (0.0, 1.0):
-        return float("nan")
-    bce = np.mean(np.logaddexp(0, logits) - labels * logits)
-    return float(bce / -(p * np.log(p) + (1 - p) * np.log(1 - p)))
-
-
 def metric_names_for(kind: str, ks: Sequence[int] = (10,)) -> tuple[str, ...]:
     rank = tuple(f"{m}@{k}" for k in ks for m in ("hr", "ndcg")) + ("mrr",)
     return (rank if kind == "next_item" else ("auc",)) + ("ne",)

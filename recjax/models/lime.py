@@ -214,6 +214,18 @@ class LIME(nnx.Module):
         weights, items = self._item_side(self.item_embeddings()[candidates.astype(jnp.int32)])
         return self._score(personal_BxRxD, weights, items)
 
+    def candidate_logits(
+        self,
+        inputs_BxL: jax.Array,
+        mask_BxL: jax.Array,
+        candidates_BxC: jax.Array,
+        user_features_BxU: jax.Array | None = None,
+    ) -> jax.Array:
+        """Ranking mode (``recjax.models.rankers``): logits of a candidate set per request (id 0 =
+        padding, scored as item 1 and ignored by the caller)."""
+        personal_BxRxD = self(inputs_BxL, mask_BxL, user_features_BxU)
+        return self.score(personal_BxRxD, jnp.maximum(candidates_BxC, 1))
+
     def build_item_cache(self) -> LimeItemCache:
         weights_NxR, items_NxD = self._item_side(self.item_embeddings())
         return LimeItemCache(weights_NxR, items_NxD, self.item_version[...])

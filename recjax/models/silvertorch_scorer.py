@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from recjax.data import batching
+from recjax.eval.classification import auc
 from recjax.retrieval.multitask_data import MultiTaskExamples
 from recjax.retrieval.overarch import TaskSpec, task_predictions
 from recjax.retrieval.unified import Scorer, scorer_loss
@@ -36,20 +37,6 @@ from recjax.train.tasks import Task
 
 REQUIRED_KEYS = ("user_emb", "item_emb", "labels", "label_mask", "value_target")
 FEATURE_KEYS = ("user_emb", "item_emb", "item_side", "user_side")
-
-
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC by average ranks (ties count half); NaN without both classes."""
-    labels = np.asarray(labels).astype(bool)
-    scores = np.asarray(scores)
-    pos, neg = labels.sum(), (~labels).sum()
-    if pos == 0 or neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="stable")
-    ranks = np.empty(len(scores))
-    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
-    ranks[order] = np.repeat(first + (counts - 1) / 2.0 + 1, counts)
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
 def scorer_examples(

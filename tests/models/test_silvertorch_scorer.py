@@ -8,9 +8,9 @@ import optax
 import pytest
 from flax import nnx
 
+from recjax.eval.classification import auc
 from recjax.models.silvertorch_scorer import (
     ScorerTask,
-    auc,
     head_metric_names,
     head_metrics,
     predict,
