@@ -29,6 +29,7 @@ from flax import nnx
 from recjax import validation
 from recjax.layers.attention import CausalSelfAttention, causal_attention_mask
 from recjax.layers.feedforward import ACTIVATIONS, ffn_kinds, make_ffn
+from recjax.sharding import embedding as embedding_lib
 from recjax.train.losses import l2_normalize
 
 
@@ -102,7 +103,9 @@ class SequenceEmbedding(nnx.Module):
     def __call__(self, inputs_BxL: jax.Array, valid_BxL: jax.Array) -> jax.Array:
         # Position = index among the real items (0 = oldest), so left padding does not shift positions.
         pos_BxL = jnp.clip(jnp.cumsum(valid_BxL, axis=1) - 1, 0, self.max_len - 1)
-        x_BxLxD = self.items[...][inputs_BxL] * math.sqrt(self.embed_dim) + self.positions[...][pos_BxL]
+        # Through the active embedding plan (row-/table-wise all-to-all lookups); a plain gather without one.
+        items_BxLxD = embedding_lib.lookup(self.items[...], inputs_BxL, "items")
+        x_BxLxD = items_BxLxD * math.sqrt(self.embed_dim) + self.positions[...][pos_BxL]
         return self.dropout(x_BxLxD) * valid_BxL[..., None]
 
 

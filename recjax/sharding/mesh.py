@@ -6,10 +6,15 @@ A parameter declares its logical axes as variable metadata, ``nnx.Param(value, l
 ``NamedSharding``s. Parameters without ``logical_axes`` and axes whose rule names no axis of the mesh are
 replicated, so sharding embedding rows or experts is a rule change (``{"vocab": "data"}``), not a new code
 path. Multi-host runs call ``jax.distributed.initialize()`` before building the mesh.
+
+N-d meshes (:class:`MeshConfig`, :func:`make_nd_mesh`): axes ``data`` (batch), ``model`` (embedding rows,
+``recjax.sharding.embedding``) and ``expert`` (MoE experts); :func:`check_rules` rejects rules naming an
+unknown axis.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,17 +60,25 @@ def variable_shardings(
     """A pytree like ``state`` (an ``nnx.State`` or any pytree of arrays / Variables) of ``NamedSharding``s:
     each Variable's ``logical_axes`` metadata through ``rules``; everything else replicated."""
 
-    def one(x):
+    def one(path, x):
         axes = x.get_metadata().get("logical_axes") if isinstance(x, nnx.Variable) else None
         if axes is not None and len(axes) != np.ndim(x[...]):
             raise ValueError(
                 f"logical_axes {axes}: expected one name per dimension of shape {np.shape(x[...])}"
             )
         spec = logical_to_spec(tuple(axes), rules, mesh) if axes is not None else PartitionSpec()
+        for dim, target in zip(np.shape(x[...]), spec):
+            size = int(np.prod([mesh.shape[a] for a in (target if isinstance(target, tuple) else (target,))
+                                if a is not None]))  # fmt: skip
+            if dim % size:
+                raise ValueError(
+                    f"{jax.tree_util.keystr(path)}: shape {np.shape(x[...])} with logical axes {axes} -> "
+                    f"{spec}: {dim} does not divide over {size} devices; pad it or change the rule"
+                )
         sharding = NamedSharding(mesh, spec)
         return x.replace(sharding) if isinstance(x, nnx.Variable) else sharding
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -88,3 +101,69 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dic
             )
         out[k] = jax.device_put(v, batch_sharding(mesh))
     return out
+
+
+# -- N-d meshes from config ---------------------------------------------------------------------------------
+MESH_AXES = ("data", "model", "expert")  # the axis names a rule may name (a missing one means "replicated")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """An N-d mesh ``data x model x expert``. ``data=0`` takes the devices the other axes leave; every size
+    must divide the device count, and their product must equal it (``num_devices``, 0 = all)."""
+
+    data: int = 0
+    model: int = 1
+    expert: int = 1
+    num_devices: int = 0
+
+    def __post_init__(self):
+        for name in ("data", "num_devices"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"mesh.{name}: expected >= 0, got {getattr(self, name)}")
+        for name in ("model", "expert"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"mesh.{name}: expected >= 1, got {getattr(self, name)}")
+
+    def shape(self, device_count: int) -> dict[str, int]:
+        """Axis sizes for ``device_count`` devices; raises naming the field that does not fit."""
+        n = self.num_devices or device_count
+        if not 1 <= n <= device_count:
+            raise ValueError(f"mesh.num_devices: expected 1..{device_count}, got {n}")
+        for name in ("data", "model", "expert"):
+            size = getattr(self, name)
+            if size and n % size:
+                raise ValueError(f"mesh.{name}: {size} does not divide the device count {n}")
+        rest = self.model * self.expert
+        if n % rest:
+            raise ValueError(f"mesh.model x mesh.expert: {rest} does not divide the device count {n}")
+        data = self.data or n // rest
+        if data * rest != n:
+            raise ValueError(
+                f"mesh.data: data x model x expert = {data} x {self.model} x {self.expert} = {data * rest}, "
+                f"expected the device count {n}"
+            )
+        return {"data": data, "model": self.model, "expert": self.expert}
+
+
+def make_nd_mesh(cfg: MeshConfig) -> jax.sharding.Mesh:
+    """The ``(data, model, expert)`` mesh of ``cfg`` (size-1 axes kept, so rules may always name them).
+    Devices are laid out model-minor: the ``model`` group of one data shard are neighbours (one host's
+    fast links carry the embedding all-to-all)."""
+    sizes = cfg.shape(jax.device_count())
+    n = sizes["data"] * sizes["model"] * sizes["expert"]
+    devices = np.asarray(jax.devices()[:n]).reshape(sizes["data"], sizes["expert"], sizes["model"])
+    return jax.sharding.Mesh(devices.transpose(0, 2, 1), MESH_AXES)
+
+
+def check_rules(rules: Mapping[str, str | None], mesh: jax.sharding.Mesh | None = None) -> None:
+    """Rejects a rule naming a mesh axis that is neither a standard one (:data:`MESH_AXES`) nor an axis
+    of ``mesh``, naming the rule."""
+    known = set(MESH_AXES) | set(mesh.axis_names if mesh is not None else ())
+    for logical, target in rules.items():
+        targets = target if isinstance(target, tuple) else (target,)
+        for t in targets:
+            if t is not None and t not in known:
+                raise ValueError(
+                    f"rules[{logical!r}]: unknown mesh axis {t!r}; expected one of {sorted(known)} or None"
+                )

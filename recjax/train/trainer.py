@@ -38,6 +38,7 @@ from flax import nnx, struct
 from tqdm.auto import tqdm
 
 from recjax.eval import ranking
+from recjax.sharding import embedding as embedding_lib
 from recjax.sharding import mesh as mesh_lib
 from recjax.train import workdir as workdir_lib
 from recjax.train.checkpoint import Checkpointer
@@ -198,6 +199,22 @@ def _distinct_buffers(tree):
     return jax.tree.map(one, tree)
 
 
+def _opt_shardings(optimizer: optax.GradientTransformation, params: Any, repl: Any) -> Any:
+    """Shardings of ``optimizer.init(params)``: every sub-tree shaped like ``params`` (moments) takes the
+    parameters' shardings, everything else ``repl``."""
+    p_struct = jax.tree.structure(params)
+    p_shardings = jax.tree.map(lambda x: x.sharding, params)
+
+    def like_params(x) -> bool:
+        return jax.tree.structure(x) == p_struct
+
+    return jax.tree.map(
+        lambda sub: p_shardings if like_params(sub) else jax.tree.map(lambda _: repl, sub),
+        jax.eval_shape(optimizer.init, params),
+        is_leaf=like_params,
+    )
+
+
 def _metric_order(name: str) -> tuple:
     """hr@10, hr@50, hr@200, ..., then names without a numeric cutoff (numeric, not lexicographic)."""
     family, _, k = name.partition("@")
@@ -212,7 +229,11 @@ class Trainer:
     """Trains ``model`` on ``task``; see the module docstring.
 
     ``optimizer`` defaults to ``make_optimizer(cfg)`` (AdamW with optional warmup and clipping);
-    ``rules`` maps logical axis names to mesh axes (``recjax.sharding.mesh.DEFAULT_RULES``)."""
+    ``rules`` maps logical axis names to mesh axes (``recjax.sharding.mesh.DEFAULT_RULES``); ``mesh``
+    (default: the 1-d ``data`` mesh of ``cfg.num_devices``) may be any N-d mesh with a ``data`` axis
+    (``recjax.sharding.mesh.make_nd_mesh``); ``embedding_plan`` places embedding tables row-/table-wise
+    (``recjax.sharding.embedding``: its rows' logical axis is mapped onto the plan's mesh axis and the
+    step's lookups go through the all-to-all path)."""
 
     def __init__(
         self,
@@ -223,6 +244,8 @@ class Trainer:
         *,
         optimizer: optax.GradientTransformation | None = None,
         rules: Mapping[str, str | None] = mesh_lib.DEFAULT_RULES,
+        mesh: jax.sharding.Mesh | None = None,
+        embedding_plan: embedding_lib.EmbeddingPlan | None = None,
     ):
         self.cfg, self.task = cfg, task
         self.workdir = pathlib.Path(workdir)
@@ -232,18 +255,25 @@ class Trainer:
         self._lock.acquire()
         self._locked = True
         try:
-            self._setup(model, task, cfg, optimizer, rules)
+            self._setup(model, task, cfg, optimizer, rules, mesh, embedding_plan)
         except BaseException:
             self.close()  # a Trainer that failed to build holds no workdir
             raise
 
-    def _setup(self, model, task, cfg, optimizer, rules) -> None:
+    def _setup(self, model, task, cfg, optimizer, rules, mesh=None, embedding_plan=None) -> None:
         if cfg.eval_every_epochs and "valid" not in task.splits:
             raise ValueError(
                 f"train.eval_every_epochs={cfg.eval_every_epochs}: the task has no 'valid' split "
                 f"(splits {task.splits}); set it to 0 to train without validation"
             )
-        self.mesh = mesh_lib.make_mesh(cfg.num_devices or None)
+        self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(cfg.num_devices or None)
+        if "data" not in self.mesh.axis_names:
+            raise ValueError(f"mesh: expected a 'data' axis, got axes {self.mesh.axis_names}")
+        mesh_lib.check_rules(rules, self.mesh)
+        if embedding_plan is not None:
+            embedding_plan.check(self.mesh)
+            rules = embedding_plan.rules(rules)
+        self.embedding_plan = embedding_plan
         n_dev = self.mesh.shape["data"]
         for name in ("batch_size", "eval_batch_size"):
             if getattr(cfg, name) % n_dev:
@@ -265,11 +295,11 @@ class Trainer:
         repl = mesh_lib.replicated(self.mesh)
         params = jax.device_put(params, mesh_lib.variable_shardings(params, self.mesh, rules))
         rest = jax.device_put(rest, repl)
-        # Adam's moments get their parameters' shardings by propagation through init; what nothing
-        # propagates to (step counts) is replicated.
+        # Adam's moments get their parameters' shardings (propagation through init does not carry them
+        # to zeros_like: a row-sharded table's moments came out replicated); the rest is replicated.
         opt_state = jax.tree.map(
             lambda x: x if getattr(x.sharding, "mesh", None) == self.mesh else jax.device_put(x, repl),
-            jax.jit(self.optimizer.init)(params),
+            jax.jit(self.optimizer.init, out_shardings=_opt_shardings(self.optimizer, params, repl))(params),
         )
         state = TrainState(
             params=params,
@@ -281,8 +311,11 @@ class Trainer:
         )
         state = _distinct_buffers(state)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
+        step_fn = make_train_step(self.graphdef, task, self.optimizer)
+        if embedding_plan is not None:  # the plan is read when the step is traced
+            step_fn = embedding_lib.with_plan(step_fn, self.mesh, embedding_plan)
         self.train_step = jax.jit(
-            make_train_step(self.graphdef, task, self.optimizer),
+            step_fn,
             in_shardings=(self.state_shardings, mesh_lib.batch_sharding(self.mesh)),
             out_shardings=(self.state_shardings, repl),
             donate_argnums=(0,) if cfg.donate else (),
