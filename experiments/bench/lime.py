@@ -33,7 +33,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from experiments.bench.common import timed  # noqa: E402
-from recjax.layers.attention import causal_attention_mask  # noqa: E402
+from recjax.layers.target_aware import candidate_attention_mask  # noqa: E402
 from recjax.models.hstu import HSTU, HSTUConfig  # noqa: E402
 from recjax.models.lime import LIME, LimeConfig  # noqa: E402
 from recjax.models.sasrec import SASRec, SASRecConfig  # noqa: E402
@@ -128,17 +128,11 @@ def build(model: str, g: Grid, max_len: int):
     @jax.jit
     def run(state, hist, mask, cand):
         mm = nnx.merge(graphdef, state)
-        B, L = hist.shape
-        C = cand.shape[1]
+        L = hist.shape[1]
         ids = jnp.concatenate([hist, cand], axis=1)
         valid = jnp.concatenate([mask, jnp.ones_like(cand, bool)], axis=1)
-        # history causal; candidate rows see the history and themselves only
-        allowed = causal_attention_mask(valid)
-        cand_rows = jnp.arange(L + C) >= L
-        eye = jnp.eye(L + C, dtype=bool)
-        allowed = jnp.where(
-            cand_rows[None, :, None], (~cand_rows[None, None, :] & valid[:, None, :]) | eye, allowed
-        )
+        # history causal; candidate rows see the history and themselves only (written densely)
+        allowed = candidate_attention_mask(mask, jnp.ones_like(cand, bool))
         x = mm.embedding(ids, valid)
         for block in mm.blocks:
             x = block(x, valid, allowed)

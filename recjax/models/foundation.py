@@ -5,8 +5,8 @@ Model: HSTU blocks (``recjax.models.hstu.HSTUBlock``) over [cross-surface histor
 
     x_hist = dropout(E[item] * sqrt(D) + P[position]) * valid            (SASRec/HSTU input preprocessor)
     x_cand = dropout(E[cand] * sqrt(D) + P[n_hist] + e_cand) * valid     (all at the next position)
-    x = HSTU blocks over [x_hist; x_cand] with ``candidate_attention_mask`` (history causal, each candidate
-        attends to the history and itself only)
+    x = HSTU blocks over [x_hist; x_cand], history causal, each candidate attending to the history and
+        itself only (``HSTUBlock.with_candidates``: O(C L) per block, never the dense (L + C)^2 mask)
     TAE = LN(x[candidates])  (target-aware embeddings);  logits_s = W_s TAE + b_s  (one head per surface)
 
 Loss: binary cross-entropy of every head on every candidate, masked by the valid-sample mask (the
@@ -16,7 +16,6 @@ over the valid samples.
 Deviations: the blocks run without HSTU's relative attention bias (``use_relative_bias=False``): its
 positions are sequence columns, which would give each appended candidate a different bias by its slot;
 positions enter through the absolute embeddings instead, where all candidates share the next position.
-Attention over the concatenated sequence is dense ((L + C)^2); the candidate-candidate block is masked.
 The paper's FM also reads action types and features; here only item ids (MovieLens has no more per event).
 
 Letters: B batch (requests), L history, C candidates, D embed_dim, S surfaces, E impressions.
@@ -39,7 +38,7 @@ from recjax import validation
 from recjax.data.surfaces import SurfaceData
 from recjax.eval import ranking
 from recjax.eval.classification import auc, normalized_entropy
-from recjax.layers.target_aware import candidate_attention_mask
+from recjax.layers.attention import causal_attention_mask
 from recjax.models.hstu import HSTUBlock, HSTUConfig
 from recjax.models.sasrec import SequenceEmbedding
 from recjax.train.tasks import Task
@@ -115,7 +114,6 @@ class FoundationModel(nnx.Module):
         validation.check_dtype("candidate_mask_BxC", candidate_mask_BxC, "b")
         validation.check_range("history_BxL", history_BxL, 0, cfg.num_items + 1)
         validation.check_range("candidates_BxC", candidates_BxC, 0, cfg.num_items + 1)
-        L = history_BxL.shape[1]
         valid_h = history_mask_BxL & (history_BxL != 0)
         valid_c = candidate_mask_BxC & (candidates_BxC != 0)
         x_h = self.embedding(history_BxL.astype(jnp.int32), valid_h)
@@ -124,12 +122,10 @@ class FoundationModel(nnx.Module):
         x_c = emb.items[...][candidates_BxC.astype(jnp.int32)] * math.sqrt(cfg.embed_dim)
         x_c = x_c + emb.positions[...][next_pos_B][:, None, :] + self.candidate_type[...]
         x_c = emb.dropout(x_c) * valid_c[..., None]
-        x_BxTxD = jnp.concatenate([x_h, x_c], axis=1)
-        valid_BxT = jnp.concatenate([valid_h, valid_c], axis=1)
-        allowed_BxTxT = candidate_attention_mask(valid_h, valid_c)
+        allowed_BxLxL = causal_attention_mask(valid_h)
         for block in self.blocks:
-            x_BxTxD = block(x_BxTxD, valid_BxT, allowed_BxTxT, None)
-        return (self.out_norm(x_BxTxD[:, L:]) * valid_c[..., None]).astype(jnp.float32)
+            x_h, x_c = block.with_candidates(x_h, x_c, valid_h, allowed_BxLxL, None)
+        return (self.out_norm(x_c) * valid_c[..., None]).astype(jnp.float32)
 
     def logits(self, tae_BxCxD: jax.Array) -> jax.Array:
         """(B, C, S) per-surface head logits."""
@@ -380,7 +376,8 @@ class FoundationTask(Task):
 
 
 def fm_flops_per_request(cfg: FoundationConfig, history_len: int, num_candidates: int) -> float:
-    """Multiply-adds x 2 of one FM request (dense [history; candidates] attention, as implemented)."""
+    """Multiply-adds x 2 of one FM request: projections of L + C tokens, causal history attention counted
+    dense (L^2, as implemented), each candidate's attention over the history and itself (C (L + 1))."""
     T, D, H, A, V = (
         history_len + num_candidates,
         cfg.embed_dim,
@@ -388,5 +385,7 @@ def fm_flops_per_request(cfg: FoundationConfig, history_len: int, num_candidates
         cfg.attention_dim,
         cfg.linear_dim,
     )
-    per_block = 2 * T * D * H * (2 * V + 2 * A) + 2 * T * T * H * (A + V) + 2 * T * H * V * D
+    L, C = history_len, num_candidates
+    attention = 2 * (L * L + C * (L + 1)) * H * (A + V)
+    per_block = 2 * T * D * H * (2 * V + 2 * A) + attention + 2 * T * H * V * D
     return float(cfg.num_blocks * per_block + 2 * num_candidates * D * cfg.num_surfaces)

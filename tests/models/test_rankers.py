@@ -12,7 +12,7 @@ from flax import nnx
 
 from recjax.data.rating_requests import eval_requests, rating_split, train_requests
 from recjax.data.synthetic import make_synthetic
-from recjax.layers.attention import causal_attention_mask
+from recjax.layers.target_aware import candidate_attention_mask
 from recjax.models.hstu import HSTU, HSTUConfig
 from recjax.models.lime import LIME, LimeConfig
 from recjax.models.rankers import HSTURanker, RatingRankingTask, SASRecRanker
@@ -69,13 +69,7 @@ def test_hstu_candidates_are_independent_and_match_a_dense_mask():
     L, C = 10, 3
     x = jnp.concatenate([model.embedding(ids, mask), model.embedding.items[...][cand] * jnp.sqrt(8.0)], 1)
     valid = jnp.concatenate([mask, jnp.ones((2, C), bool)], 1)
-    allowed = causal_attention_mask(valid)
-    is_cand = jnp.arange(L + C) >= L
-    allowed = jnp.where(
-        is_cand[None, :, None],
-        (~is_cand[None, None, :] & valid[:, None, :]) | jnp.eye(L + C, dtype=bool),
-        allowed,
-    )
+    allowed = candidate_attention_mask(mask, jnp.ones((2, C), bool))
     for block in model.blocks:
         x = block(x, valid, allowed, None)
     np.testing.assert_allclose(np.asarray(x[:, L:]), np.asarray(out), rtol=1e-4, atol=1e-5)
