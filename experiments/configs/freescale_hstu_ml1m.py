@@ -1,0 +1,35 @@
+"""FreeScale on 2 GPUs: HSTU on MovieLens-1M (max length 200, d=50, 2 blocks) with a large item table
+row-sharded over the devices (``freescale.table_rows`` rows: ML-1M's 3,707 real rows plus unused ones, so
+the table, its Adam moments and their all-to-all lookups have the size of a production table), sequences in
+power-of-two length buckets, FreeScale balancing of each step's rows over the devices.
+
+Read by experiments/bench/freescale.py (throughput 1 -> 2 GPUs, straggler idle fraction with/without
+balancing, input prefetch on/off); docs/FREESCALE.md. Negatives are "uniform" (shared by the batch): the one
+sampler whose draws do not depend on the batch layout, so balanced and plain steps compute the same loss.
+"""
+
+import ml_collections
+
+from experiments.configs import base
+
+
+def get_config():
+    config = base.experiment(
+        base.data_config("ml-1m", max_len=200),
+        base.hstu_model(dropout=0.0),
+        base.train_config(batch_size=128),
+    )
+    config.train.loss.negatives = "uniform"
+    config.freescale = ml_collections.ConfigDict(
+        {
+            "table_rows": 1 << 22,  # 4,194,304 x 50 float32 = 0.8 GB (+ 1.6 GB Adam moments)
+            "placement": "row",  # "row", "table" or "replicated" (recjax.sharding.embedding.PLACEMENTS)
+            "plan_axis": "data",  # rows over the data axis: every GPU a data shard and a row block
+            "balance": "zigzag",  # "none", "zigzag", "variable" (recjax.data.balancing.MODES)
+            "alpha": 1.0,  # L^alpha weights of "variable"
+            "min_width": 16,  # smallest length bucket
+            "per_device_batch": 128,
+            "steps": 200,
+        }
+    )
+    return config
