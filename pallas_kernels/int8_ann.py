@@ -24,11 +24,14 @@ IVF: items stored sorted by cluster, each cluster padded to whole tiles (padding
 (query, probe) pair becomes a row of a "slot" matrix grouped by cluster, so one program scans one cluster
 for up to ``block_q`` queries that probe it (the cluster tile is loaded once for all of them, and the
 int8 dot is a real matrix product on the tensor cores). The per-pair mask covers only the probed cluster's
-words (probe, then filter).
+words (probe, then filter). Selection per (query, cluster): the scan is split into ``num_chunks`` chunks of
+consecutive tiles, each with its own T bins of ``per_bin`` slots, because a query's top-k often lies in one
+cluster: with one chunk and 2 slots a cluster can give at most 2 T items and its bins overflow (issue 14:
+recall 0.83 at every nprobe). ``choose_ivf_selection`` sizes (num_chunks, per_bin) for that worst case.
 
 Letters: B queries, N items, D embedding dim (padded to a power of two >= 32), K results, Q queries per
 program (block_q), T items per tile (block_n), S kept per bin (per_bin), C item chunks, W mask words,
-P probes per query, L clusters, R slot rows (work items x Q), M max tiles per cluster.
+P probes per query, L clusters, R slot rows (work items x Q), M max tiles per cluster, X work items.
 
 Deviation from the public SilverTorch op: it scores one query at a time with dp4a on CUDA cores and runs
 top-k as a separate op; here queries are batched onto tensor cores and top-k is fused (per bin).
@@ -37,6 +40,7 @@ top-k as a separate op; here queries are batched onto tensor cores and top-k is 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -92,8 +96,11 @@ def _insert(slots_v, slots_i, score_QxT, ids_QxT):
     return new_v, new_i
 
 
-def _scan_tiles(q_QxD, items_ref, scales_ref, ids_fn, mask_ref, first_tile, num_tiles, *, block_n, per_bin):
-    """Scores ``num_tiles`` tiles of ``items_ref`` from ``first_tile`` and keeps the per-bin best."""
+def _scan_tiles(
+    q_QxD, items_ref, scales_ref, ids_fn, mask_ref, first_tile, num_tiles, *, block_n, per_bin, mask_tile0=0
+):
+    """Scores ``num_tiles`` tiles of ``items_ref`` from ``first_tile`` and keeps the per-bin best.
+    Tile t of the scan reads mask tile ``mask_tile0 + t`` of this program's mask block."""
     nq = q_QxD.shape[0]
 
     def body(t, carry):
@@ -105,7 +112,7 @@ def _scan_tiles(q_QxD, items_ref, scales_ref, ids_fn, mask_ref, first_tile, num_
         ids_T, valid_T = ids_fn(row0)
         valid_QxT = jnp.broadcast_to(valid_T[None, :], (nq, block_n))
         if mask_ref is not None:
-            valid_QxT = valid_QxT & _mask_tile(mask_ref, t, block_n)
+            valid_QxT = valid_QxT & _mask_tile(mask_ref, mask_tile0 + t, block_n)
         score_QxT = jnp.where(valid_QxT, score_QxT, -jnp.inf)
         ids_QxT = jnp.broadcast_to(ids_T[None, :], (nq, block_n))
         slots_v, slots_i = _insert(slots_v, slots_i, score_QxT, ids_QxT)
@@ -116,10 +123,13 @@ def _scan_tiles(q_QxD, items_ref, scales_ref, ids_fn, mask_ref, first_tile, num_
     return lax.fori_loop(0, num_tiles, body, (init_v, init_i))
 
 
-def _store(out_v_ref, out_i_ref, slots_v, slots_i, block_n):
+def _store(out_v_ref, out_i_ref, slots_v, slots_i, block_n, col0=0):
+    """Slot j of the lists -> columns [col0 + j T, col0 + (j + 1) T) of the output block."""
     for j, (v, i) in enumerate(zip(slots_v, slots_i, strict=True)):
-        out_v_ref[:, pl.ds(j * block_n, block_n)] = v
-        out_i_ref[:, pl.ds(j * block_n, block_n)] = i
+        start = col0 + j * block_n
+        at = pl.ds(start if isinstance(start, int) else pl.multiple_of(start, block_n), block_n)
+        out_v_ref[:, at] = v
+        out_i_ref[:, at] = i
 
 
 def _brute_kernel(*refs, block_n, tiles_per_chunk, num_items, per_bin, has_mask):
@@ -290,6 +300,7 @@ def _ivf_kernel(
     *rest,
     block_n,
     per_bin,
+    num_chunks,
     has_mask,
 ):
     if has_mask:
@@ -299,23 +310,31 @@ def _ivf_kernel(
     w = pl.program_id(0)
     first_tile = tile_start_ref[w]
     num_tiles = num_tiles_ref[w]
+    q_QxD = q_ref[...]
 
     def ids_fn(row0):
         ids_T = ids_ref[pl.ds(row0, block_n)]
         return ids_T, ids_T >= 0
 
-    slots_v, slots_i = _scan_tiles(
-        q_ref[...],
-        items_ref,
-        scales_ref,
-        ids_fn,
-        mask_ref,
-        first_tile,
-        num_tiles,
-        block_n=block_n,
-        per_bin=per_bin,
+    scan = functools.partial(
+        _scan_tiles, q_QxD, items_ref, scales_ref, ids_fn, mask_ref, block_n=block_n, per_bin=per_bin
     )
-    _store(out_v_ref, out_i_ref, slots_v, slots_i, block_n)
+    if num_chunks == 1:
+        _store(out_v_ref, out_i_ref, *scan(first_tile, num_tiles), block_n)
+        return
+    # The cluster's tiles split into num_chunks consecutive chunks of ceil(tiles / num_chunks) tiles, each
+    # with its own T bins: num_chunks T bins per (query, cluster) whatever the cluster's size (the top-k of
+    # a query often lies in one cluster; one scan's T bins of per_bin slots cannot hold it).
+    chunk_tiles = (num_tiles + num_chunks - 1) // num_chunks
+
+    def chunk(j, carry):
+        t0 = j * chunk_tiles
+        count = jnp.clip(num_tiles - t0, 0, chunk_tiles)  # 0 -> the chunk's lists stay -inf / -1
+        slots = scan(first_tile + t0, count, mask_tile0=t0)
+        _store(out_v_ref, out_i_ref, *slots, block_n, col0=j * (block_n * per_bin))
+        return carry
+
+    lax.fori_loop(0, num_chunks, chunk, 0)
 
 
 def group_pairs_by_cluster(probes_BxP: jax.Array, num_clusters: int, block_q: int):
@@ -346,9 +365,58 @@ def group_pairs_by_cluster(probes_BxP: jax.Array, num_clusters: int, block_q: in
     return slot_flat.reshape(b, p), work_cluster, work_valid, slot_query
 
 
+def ivf_expected_loss(k: int, block_n: int, max_tiles: int, num_chunks: int, per_bin: int) -> float:
+    """Expected top-k items lost by one (query, cluster) scan in the worst case: all min(k, n) of the
+    query's top-k in the largest cluster (n = max_tiles T items). Its bins hold b = ceil(max_tiles /
+    num_chunks) items each; a bin's count of top items is hypergeometric (n, min(k, n), b); a bin loses
+    what exceeds per_bin."""
+    b = -(-max_tiles // num_chunks)
+    if b <= per_bin:
+        return 0.0
+    n = max_tiles * block_n
+    kc = min(k, n)
+
+    def log_comb(a, c):
+        return math.lgamma(a + 1) - math.lgamma(c + 1) - math.lgamma(a - c + 1)
+
+    lost = 0.0
+    for x in range(per_bin + 1, min(b, kc) + 1):
+        if b - x <= n - kc:
+            lost += (x - per_bin) * math.exp(log_comb(kc, x) + log_comb(n - kc, b - x) - log_comb(n, b))
+    return num_chunks * block_n * lost
+
+
+@functools.lru_cache(maxsize=256)
+def choose_ivf_selection(
+    k: int, block_n: int, max_tiles: int, block_q: int, max_lost_frac: float = 1e-3, max_slots: int = 16384
+) -> tuple[int, int]:
+    """(num_chunks, per_bin) for ``int8_ivf_topk``: the fewest candidates per (query, cluster), num_chunks
+    T per_bin, whose worst-case loss (``ivf_expected_loss``) is <= max_lost_frac of the top-k; per_bin is
+    capped so the lists (Q T per_bin values per slot) stay in registers. Ties -> the smaller per_bin
+    (fewer selects per score). Every (query, cluster) can then return its cluster's whole top-k."""
+    s_max = max(2, min(8, max_slots // (block_q * block_n)))
+    target = max_lost_frac * min(k, max_tiles * block_n)
+    best = None
+    for per_bin in range(2, s_max + 1):
+        for chunks in range(1, -(-max_tiles // per_bin) + 1):  # the last one is exact (bins <= per_bin)
+            if ivf_expected_loss(k, block_n, max_tiles, chunks, per_bin) <= target:
+                best = min(best or (1 << 62,), (chunks * per_bin, per_bin, chunks))
+                break
+    return best[2], best[1]
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=("k", "block_q", "block_n", "per_bin", "num_warps", "return_exact", "interpret"),
+    static_argnames=(
+        "k",
+        "block_q",
+        "block_n",
+        "per_bin",
+        "num_chunks",
+        "num_warps",
+        "return_exact",
+        "interpret",
+    ),
 )
 def int8_ivf_topk(
     q_BxD: jax.Array,
@@ -365,6 +433,7 @@ def int8_ivf_topk(
     block_q: int = 64,
     block_n: int = 64,
     per_bin: int = 2,
+    num_chunks: int = 1,
     num_warps: int | None = None,
     return_exact: bool = False,
     interpret: bool = False,
@@ -375,6 +444,11 @@ def int8_ivf_topk(
 
     ``mask_BxPxV``: optional packed allow-mask per (query, probe) covering only that cluster's words
     (bit j of word v = item 32 v + j of the cluster), V >= max cluster tiles * block_n / 32.
+
+    Selection: each (query, probed cluster) keeps the ``per_bin`` best of each of ``num_chunks * block_n``
+    bins (cluster c's bins hold ceil(tiles_c / num_chunks) items): exact when that is <= ``per_bin`` for
+    every cluster; ``choose_ivf_selection`` sizes both from k. ``num_chunks=1, per_bin=2`` (the defaults)
+    keeps at most 2 T items per cluster.
     """
     b, d = q_BxD.shape
     num_clusters = cluster_tile_start_L.shape[0]
@@ -418,8 +492,10 @@ def int8_ivf_topk(
         )
         args.append(mask_slots)
         in_specs.append(pl.BlockSpec((block_q, v), lambda w: (w, 0)))
-    kernel = functools.partial(_ivf_kernel, block_n=block_n, per_bin=per_bin, has_mask=has_mask)
-    width = block_n * per_bin
+    kernel = functools.partial(
+        _ivf_kernel, block_n=block_n, per_bin=per_bin, num_chunks=num_chunks, has_mask=has_mask
+    )
+    width = num_chunks * block_n * per_bin
     out_spec = pl.BlockSpec((block_q, width), lambda w: (w, 0))
     rows = num_work * block_q
     cand_v, cand_i = pl.pallas_call(

@@ -81,6 +81,22 @@ def exact_float_topk(q_RxD, items_NxD, k, mask_RxW=None, chunk=1 << 20):
     return np.where(np.isneginf(np.asarray(v)), -1, np.asarray(i))
 
 
+def exact_int8_topk(q_RxD, items8, k, chunk=1 << 18):
+    """Exact int8 brute force (what the IVF path must find at nprobe = all): quantized queries, exact int32
+    scores, chunked over items, top-k ids."""
+    qq = quantize.quantize_queries(q_RxD)
+    vals, ids = [], []
+    for s in range(0, items8.num_rows, chunk):
+        sc = int8_ann.int8_scores_reference(
+            qq.values_NxD, items8.values_NxD[s : s + chunk], items8.scales_N[s : s + chunk]
+        )
+        v, i = jax.lax.top_k(sc, min(k, sc.shape[1]))
+        vals.append(v)
+        ids.append(i + s)
+    _, pos = jax.lax.top_k(jnp.concatenate(vals, 1), k)
+    return np.asarray(jnp.take_along_axis(jnp.concatenate(ids, 1), pos, 1))
+
+
 def recall(ids_RxK, true_RxK) -> float:
     hits, total = 0, 0
     for a, t in zip(np.asarray(ids_RxK), true_RxK, strict=True):
@@ -250,7 +266,10 @@ def bench_brute(n, d, b, k, sels, reps, recall_queries, with_baselines=True, cfg
             guarded("torch-bf16", one_torch)
 
 
-def bench_ivf(n, d, b, k, nprobes, num_clusters, reps, recall_queries):
+def bench_ivf(n, d, b, k, nprobes, num_clusters, reps, recall_queries, sel="auto"):
+    """recall@k column: vs exact float32; the note adds ``rec/bf``, recall vs exact int8 brute force (1.0 at
+    nprobe = all when nothing is lost in selection). ``sel``: "auto" (``choose_ivf_selection``), "exact"
+    (bins of <= 2 items) or "m,s" (num_chunks, per_bin; "1,2" is the sizing before the recall fix)."""
     items, queries = make_data(n, d, b)
     t0 = time.perf_counter()
     cents = ivf.kmeans(items, ivf.KMeansConfig(num_clusters=num_clusters, iterations=10))
@@ -263,11 +282,22 @@ def bench_ivf(n, d, b, k, nprobes, num_clusters, reps, recall_queries):
     )
     r = min(recall_queries, b)
     truth = exact_float_topk(queries[:r], items, k)
+    truth_int8 = exact_int8_topk(queries[:r], quantize.quantize_items(items), k)
+    print(f"# exact int8 brute force: recall@{k} vs float32 {recall(truth_int8, truth):.4f}", flush=True)
     block_q = lambda p: int8_ann.choose_block_q(max(1, b * p // num_clusters))  # noqa: E731
+
+    def selection(p):
+        if sel == "auto":
+            return int8_ann.choose_ivf_selection(k, index.block_n, index.max_tiles, block_q(p))
+        if sel == "exact":
+            return -(-index.max_tiles // 2), 2
+        return tuple(int(v) for v in sel.split(","))
+
     for p in nprobes:
+        chunks, per_bin = selection(p)
 
         @jax.jit
-        def run(q, p=p):
+        def run(q, p=p, chunks=chunks, per_bin=per_bin):
             qv, qs = quantize._quantize_rows(q)
             probes = ann.probe_clusters(q, index.centroids_LxD, p)
             return int8_ann.int8_ivf_topk(
@@ -282,14 +312,18 @@ def bench_ivf(n, d, b, k, nprobes, num_clusters, reps, recall_queries):
                 k=k,
                 block_q=block_q(p),
                 block_n=index.block_n,
+                per_bin=per_bin,
+                num_chunks=chunks,
                 interpret=not dispatch.pallas_supported(),
             )
 
-        def one(run=run, p=p):
-            rec = recall(run(queries)[1][:r], truth)
+        def one(run=run, p=p, chunks=chunks, per_bin=per_bin):
+            ids = run(queries)[1][:r]
+            rec, rec_bf = recall(ids, truth), recall(ids, truth_int8)
             t = timed(lambda: run(queries), reps)
             scanned = int(p * n / num_clusters)  # items per query, on average
-            row(f"pallas-ivf nprobe={p}", scanned, d, b, k, "none", t, rec, f"L={num_clusters}, N={n}")
+            note = f"L={num_clusters}, N={n}, rec/bf={rec_bf:.4f}, sel={chunks}x{index.block_n}x{per_bin}"
+            row(f"pallas-ivf nprobe={p}", scanned, d, b, k, "none", t, rec, note)
 
         guarded(f"ivf n={n} nprobe={p}", one)
 
@@ -342,7 +376,7 @@ def check(interpret: bool):
         k=20,
         block_q=16,
         block_n=128,
-        per_bin=max(2, index.max_tiles),
+        num_chunks=-(-index.max_tiles // 2),  # bins of <= 2 items: exact
         interpret=interpret,
     )
     rows = index.ids_sorted.shape[0]
@@ -374,6 +408,7 @@ def main():
     ap.add_argument("--ivf-only", action="store_true")
     ap.add_argument("--nprobe", type=int, nargs="+", default=[8, 32, 100])
     ap.add_argument("--clusters", type=int, default=1000)
+    ap.add_argument("--ivf-sel", default="auto", help='IVF selection: auto, exact, or "chunks,per_bin"')
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--recall-queries", type=int, default=128)
     ap.add_argument(
@@ -423,6 +458,7 @@ def main():
                 a.clusters,
                 a.reps,
                 a.recall_queries,
+                a.ivf_sel,
             )
 
 

@@ -6,7 +6,7 @@ best first, score = dot_int32(q8, item8) * item_scale * query_scale. Fewer than 
 -inf, id -1.
 Implementations:
 - ``"pallas"``: the fused kernel (pallas_kernels/int8_ann.py; interpret mode off GPU). Selection keeps the
-  2 best per bin of items (see the kernel docstring); ``exact=True`` makes every bin hold <= 2 items.
+  best few per bin of items (see the kernel docstring); ``exact=True`` makes every bin hold <= 2 items.
 - ``"xla"``: int8 ``dot_general`` with int32 accumulation + mask + ``lax.top_k`` (exact; B x N scores).
 - ``"reference"``: the plain-JAX definition from the kernel module.
 - ``"auto"``: pallas on a GPU, xla elsewhere; brute force with B < 16 queries also goes to xla (the kernel's
@@ -187,6 +187,7 @@ def ivf_search(
     bloom_index: bloom_op.BloomIndex | None = None,
     plan: bloom_op.BloomPlan | None = None,
     impl: str = "auto",
+    exact: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """IVF search over the ``nprobe`` best clusters per query; returns original item ids.
 
@@ -197,8 +198,10 @@ def ivf_search(
     - ``plan`` with a ``bloom_index`` built in the IVF sorted order (``item_order=index.ids_sorted``,
       ``pad_words=max_tiles * block_n / 32``): probe, then filter, the plan is evaluated only on the probed
       clusters' words.
-    Exact within the probed clusters when no cluster exceeds 2 tiles (pallas); xla / reference are exact.
-    Jittable (``nprobe`` and ``k`` static)."""
+    pallas selection per (query, probed cluster): ``int8_ann.choose_ivf_selection`` sizes the bins from k
+    so that even a top-k lying entirely in one cluster loses <= 0.1 % of it in expectation (a query's
+    top-k usually sits in its nearest clusters); ``exact=True`` makes every bin hold <= 2 items (every
+    probed item is a candidate). xla / reference are exact. Jittable (``nprobe`` and ``k`` static)."""
     _check_common(queries_BxD, index.items.dim, index.num_items, k)
     b = queries_BxD.shape[0]
     if not 1 <= nprobe <= index.num_clusters:
@@ -235,6 +238,10 @@ def ivf_search(
     if name == "pallas":
         # queries per cluster on average decide how many share one cluster scan
         block_q = int8_ann.choose_block_q(max(1, b * nprobe // index.num_clusters))
+        if exact:
+            chunks, per_bin = -(-index.max_tiles // 2), 2
+        else:
+            chunks, per_bin = int8_ann.choose_ivf_selection(k, index.block_n, index.max_tiles, block_q)
         return int8_ann.int8_ivf_topk(
             q.values_NxD,
             q.scales_N,
@@ -248,6 +255,8 @@ def ivf_search(
             k=k,
             block_q=block_q,
             block_n=index.block_n,
+            per_bin=per_bin,
+            num_chunks=chunks,
             interpret=not dispatch.pallas_supported(),
         )
     # xla: dense scores over the sorted rows, allowed = row of a probed cluster (and its filter bit)
