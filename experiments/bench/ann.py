@@ -64,8 +64,9 @@ def make_mask(b: int, n: int, sel: float | None, seed: int = 1):
     return words
 
 
-def exact_float_topk(q_RxD, items_NxD, k, mask_RxW=None, chunk=1 << 20):
-    """Ground truth: float32 HIGHEST-precision scores, chunked over items, filtered, top-k ids."""
+def exact_float_topk(q_RxD, items_NxD, k, mask_RxW=None, chunk=1 << 15):
+    """Ground truth: float32 HIGHEST-precision scores, chunked over items, filtered, top-k ids. Small chunks:
+    XLA's GPU top-k over one 1M-column row compiled for ~3 min on an H200 (2026-12-02) and starved the call."""
     vals, ids = [], []
     n = items_NxD.shape[0]
     for s in range(0, n, chunk):
@@ -81,7 +82,7 @@ def exact_float_topk(q_RxD, items_NxD, k, mask_RxW=None, chunk=1 << 20):
     return np.where(np.isneginf(np.asarray(v)), -1, np.asarray(i))
 
 
-def exact_int8_topk(q_RxD, items8, k, chunk=1 << 18):
+def exact_int8_topk(q_RxD, items8, k, chunk=1 << 15):
     """Exact int8 brute force (what the IVF path must find at nprobe = all): quantized queries, exact int32
     scores, chunked over items, top-k ids."""
     qq = quantize.quantize_queries(q_RxD)
