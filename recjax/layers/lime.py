@@ -124,6 +124,13 @@ class LinkRecencyBias(nnx.Module):
             nnx.initializers.normal(0.02)(rngs.params(), (num_heads, num_links, num_buckets))
         )
 
+    @classmethod
+    def optional(
+        cls, num_heads: int, num_links: int, num_buckets: int, rngs: nnx.Rngs
+    ) -> LinkRecencyBias | None:
+        """The bias, or None when ``num_buckets`` is 0 (no recency bias)."""
+        return cls(num_heads, num_links, num_buckets, rngs=rngs) if num_buckets else None
+
     def __call__(self, distance_BxKxL: jax.Array) -> jax.Array:
         bucket_BxKxL = jnp.clip(distance_BxKxL, 0, self.num_buckets - 1)
         w_HxRxP = self.weights[...]
@@ -155,11 +162,7 @@ class LinkAttentionBlock(nnx.Module):
         eps: float,
         rngs: nnx.Rngs,
     ):
-        self.recency = (
-            LinkRecencyBias(num_heads, num_links, num_position_buckets, rngs=rngs)
-            if num_position_buckets
-            else None
-        )
+        self.recency = LinkRecencyBias.optional(num_heads, num_links, num_position_buckets, rngs)
         self.query_norm = _plain_layer_norm(dim, eps, rngs)
         self.kv_norm = _plain_layer_norm(dim, eps, rngs)
         self.attention = CausalSelfAttention(dim, num_heads, dropout=dropout, rngs=rngs)
@@ -240,11 +243,7 @@ class LimeXorBlock(nnx.Module):
         eps: float,
         rngs: nnx.Rngs,
     ):
-        self.recency = (
-            LinkRecencyBias(num_heads, num_links, num_position_buckets, rngs=rngs)
-            if num_position_buckets
-            else None
-        )
+        self.recency = LinkRecencyBias.optional(num_heads, num_links, num_position_buckets, rngs)
         self.num_heads, self.attention_dim, self.linear_dim = num_heads, attention_dim, linear_dim
         self.norm_length = norm_length
         H, A, V = num_heads, attention_dim, linear_dim
