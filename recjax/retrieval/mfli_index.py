@@ -1,6 +1,6 @@
-"""MFLI index (arXiv 2602.16124): item -> cluster table, cluster -> items CSR, split/merge rebalancing, full
-and delta snapshots. Host-side numpy at build time; ``serving_arrays`` hands the jnp arrays to
-``recjax.retrieval.mfli_serving``.
+"""MFLI index (arXiv 2602.16124): item -> cluster table, cluster -> items CSR, split/merge rebalancing
+(``recjax.retrieval.mfli_rebalance``), full and delta snapshots. Host-side numpy at build time;
+``serving_arrays`` hands the jnp arrays to ``recjax.retrieval.mfli_serving``.
 
 Letters: N items, A added items, F facets, L code levels, M codes per level, D dim, C clusters (per facet,
 padded to the largest facet), R row capacity, V external id capacity, S members of one cluster.
@@ -11,7 +11,10 @@ initial clusters (the codebook product M^L is never materialised). Rebalancing t
 each facet keeps an explicit cluster table: cluster ids are 0..C_f-1, renumbered per snapshot, and a
 (key, cluster) pair table records which clusters each key's items ended up in (a split key maps to its
 parts, a merged key to its target). Centroid of a cluster = mean of its members' embeddings (for an
-unsplit code cluster this is the code's reconstruction plus the mean residual).
+unsplit code cluster this is the code's reconstruction plus the mean residual). The cluster geometry
+(centroids, splits, merges, delta assignment) uses each facet's view of the items, ``facet_emb_NxFxD``
+(what the quantizer quantized in that facet, e.g. its facet projection of the embedding; default the
+embedding itself in every facet); reranking always uses ``emb_NxD``.
 - Split (``upper_bound``): a cluster of S > upper items is split by k-means (k-means++ seeding, Lloyd,
   numpy, seeded) on its members' residuals (embedding minus the cluster mean; all members share the code
   reconstruction, so this is k-means on the quantization residuals up to a shift) into ceil(S / upper)
@@ -38,7 +41,6 @@ as ``add_items`` returns; unlike it, new items join the clusters (no separate fr
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, replace
 
 import jax
@@ -46,46 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recjax import validation
-
-
-@dataclass(frozen=True)
-class RebalanceConfig:
-    upper_bound: int | None = None  # max items per cluster after splits; None = no split
-    lower_bound: int = 0  # min items per cluster after merges; 0 = no merge
-    kmeans_iterations: int = 10
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.upper_bound is not None and self.upper_bound < 1:
-            raise ValueError(f"upper_bound: expected >= 1 or None, got {self.upper_bound}")
-        if self.lower_bound < 0:
-            raise ValueError(f"lower_bound: expected >= 0, got {self.lower_bound}")
-        if self.upper_bound is not None and self.lower_bound > self.upper_bound:
-            raise ValueError(
-                f"lower_bound: expected <= upper_bound={self.upper_bound}, got {self.lower_bound}"
-            )
-        if self.kmeans_iterations < 1:
-            raise ValueError(f"kmeans_iterations: expected >= 1, got {self.kmeans_iterations}")
-
-
-@dataclass(frozen=True)
-class BalanceStats:
-    num_clusters: int
-    min_size: int
-    max_size: int
-    mean_size: float
-    max_over_mean: float
-    gini: float
-
-
-def balance_stats(sizes) -> BalanceStats:
-    """Stats of the non-empty cluster sizes. Gini = sum_i (2i - n - 1) s_(i) / (n sum s), i = 1..n sorted."""
-    s = np.sort(np.asarray(sizes, np.float64)[np.asarray(sizes) > 0])
-    if not len(s):
-        return BalanceStats(0, 0, 0, 0.0, 0.0, 0.0)
-    n, mean = len(s), float(s.mean())
-    gini = float(np.sum((2 * np.arange(1, n + 1) - n - 1) * s) / (n * s.sum()))
-    return BalanceStats(n, int(s[0]), int(s[-1]), mean, float(s[-1] / mean), gini)
+from recjax.retrieval.mfli_rebalance import BalanceStats, RebalanceConfig, cluster_facet
 
 
 @dataclass(frozen=True)
@@ -116,6 +79,7 @@ class MFLIIndex:
     num_rows: int
     num_codes: int  # M
     levels: int
+    facet_space: bool = False  # clusters live in per-facet embeddings (facet_emb_*), not emb_RxD
     stats_before: tuple[BalanceStats, ...] = ()
     stats_after: tuple[BalanceStats, ...] = ()
     version: int = 0  # full snapshot number (set by the caller)
@@ -201,120 +165,6 @@ def code_keys(codes_NxL: np.ndarray, num_codes: int) -> np.ndarray:
     return key
 
 
-# ------------------------------------------------------------------------------------ rebalancing
-
-
-def _kmeans(x_SxD: np.ndarray, parts: int, iterations: int, rng: np.random.Generator) -> np.ndarray:
-    """Labels of k-means++ seeding + Lloyd (L2). Host numpy: each split has its own size, jit would
-    recompile per cluster."""
-    s = x_SxD.shape[0]
-    cents = [x_SxD[rng.integers(s)]]
-    dist = np.sum((x_SxD - cents[0]) ** 2, axis=1)
-    for _ in range(1, parts):
-        p = dist / dist.sum() if dist.sum() > 0 else None
-        cents.append(x_SxD[rng.choice(s, p=p)])
-        dist = np.minimum(dist, np.sum((x_SxD - cents[-1]) ** 2, axis=1))
-    c = np.stack(cents)
-    sq = np.sum(x_SxD * x_SxD, axis=1, keepdims=True)
-    for _ in range(iterations):
-        labels = np.argmin(sq - 2 * x_SxD @ c.T + np.sum(c * c, axis=1), axis=1)
-        for j in range(parts):
-            members = labels == j
-            if members.any():
-                c[j] = x_SxD[members].mean(axis=0)
-    return np.argmin(sq - 2 * x_SxD @ c.T + np.sum(c * c, axis=1), axis=1)
-
-
-def _split(x_SxD: np.ndarray, upper: int, iterations: int, rng) -> list[np.ndarray]:
-    """Member positions of parts of size <= upper."""
-    s = x_SxD.shape[0]
-    if s <= upper:
-        return [np.arange(s)]
-    parts = -(-s // upper)
-    r = x_SxD - x_SxD.mean(axis=0)
-    labels = _kmeans(r, parts, iterations, rng)
-    groups = [np.flatnonzero(labels == j) for j in range(parts)]
-    groups = [g for g in groups if len(g)]
-    if len(groups) == 1:  # degenerate (identical residuals): equal chunks along the first PC
-        direction = np.linalg.svd(r, full_matrices=False)[2][0] if np.abs(r).sum() else np.zeros(r.shape[1])
-        order = np.argsort(r @ direction, kind="stable")
-        return list(np.array_split(order, parts))
-    out = []
-    for g in groups:
-        out += [g[sub] for sub in _split(x_SxD[g], upper, iterations, rng)]
-    return out
-
-
-def _merge(sizes, centroids_CxD, lower: int, upper: int | None) -> np.ndarray:
-    """Final cluster of each cluster after merging small ones (an identity map where nothing merges)."""
-    c = len(sizes)
-    sizes = np.asarray(sizes, np.int64).copy()
-    cents = centroids_CxD.astype(np.float64).copy()
-    parent = np.arange(c)
-    alive = sizes > 0
-    heap = [(int(sizes[i]), i) for i in range(c) if 0 < sizes[i] < lower]
-    heapq.heapify(heap)
-    while heap:
-        s, i = heapq.heappop(heap)
-        if not alive[i] or sizes[i] != s or s >= lower:
-            continue  # stale entry
-        ok = alive.copy()
-        ok[i] = False
-        if upper is not None:
-            ok &= sizes + s <= upper
-        if not ok.any():
-            continue  # no admissible target: stays small
-        dist = np.where(ok, np.sum((cents - cents[i]) ** 2, axis=1), np.inf)
-        t = int(np.argmin(dist))
-        cents[t] = (cents[t] * sizes[t] + cents[i] * s) / (sizes[t] + s)
-        sizes[t] += s
-        sizes[i], alive[i], parent[i] = 0, False, t
-        if sizes[t] < lower:
-            heapq.heappush(heap, (int(sizes[t]), t))
-    for i in range(c):  # resolve chains (a target merged later)
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        parent[i] = root
-    return parent
-
-
-def _segment_mean(x_NxD, seg_N, num):
-    sums = np.zeros((num, x_NxD.shape[1]), np.float64)
-    np.add.at(sums, seg_N, x_NxD)
-    return (sums / np.maximum(np.bincount(seg_N, minlength=num), 1)[:, None]).astype(np.float32)
-
-
-def _cluster_facet(emb_NxD, keys_N, config: RebalanceConfig, rng):
-    """(cluster_N, FacetTable, stats before, stats after) for one facet."""
-    uniq, cluster = np.unique(keys_N, return_inverse=True)
-    cluster = cluster.astype(np.int64)
-    before = balance_stats(np.bincount(cluster))
-    key_of = list(uniq)
-    if config.upper_bound is not None:
-        counts = np.bincount(cluster, minlength=len(uniq))
-        order = np.argsort(cluster, kind="stable")
-        starts = np.cumsum(counts) - counts
-        for c in np.flatnonzero(counts > config.upper_bound):
-            members = order[starts[c] : starts[c] + counts[c]]
-            parts = _split(emb_NxD[members], config.upper_bound, config.kmeans_iterations, rng)
-            for part in parts[1:]:  # the first part keeps id c
-                cluster[members[part]] = len(key_of)
-                key_of.append(uniq[c])
-    key_of = np.asarray(key_of, np.int64)
-    num = len(key_of)
-    final = np.arange(num)
-    if config.lower_bound > 0:
-        cents = _segment_mean(emb_NxD, cluster, num)
-        final = _merge(np.bincount(cluster, minlength=num), cents, config.lower_bound, config.upper_bound)
-    used, renumber = np.unique(final, return_inverse=True)  # compact ids in order of first cluster id
-    cluster_N = renumber[cluster].astype(np.int32)
-    pairs = np.unique(np.stack([key_of, renumber]), axis=1)
-    centroids = _segment_mean(emb_NxD, cluster_N, len(used))
-    table = FacetTable(centroids, pairs[0].astype(np.int64), pairs[1].astype(np.int32))
-    return cluster_N, table, before, balance_stats(np.bincount(cluster_N))
-
-
 def _csr(cluster_N: np.ndarray, num_clusters: int, capacity: int, rows_total: int):
     counts = np.bincount(cluster_N, minlength=num_clusters)
     items = np.full(rows_total, -1, np.int32)
@@ -330,8 +180,9 @@ def build_snapshot(
     emb_NxD,
     codes_NxFxL,
     *,
+    facet_emb_NxFxD=None,
     ids_N=None,
-    config: RebalanceConfig = RebalanceConfig(),
+    config: RebalanceConfig | None = None,
     num_codes: int | None = None,
     levels: int | None = None,
     row_capacity: int | None = None,
@@ -343,12 +194,18 @@ def build_snapshot(
     ``config``, CSR. ``ids_N``: external ids (default row r -> id r), unique in [0, V). ``row_capacity``
     (default N) bounds rows for later deltas, ``id_capacity`` (default row_capacity) the external ids,
     ``cluster_capacity`` (default the largest facet's count) pads the cluster axis so shapes can stay fixed
-    across full snapshots too."""
+    across full snapshots too. ``facet_emb_NxFxD``: each facet's view of the items (the quantizer's facet
+    inputs, e.g. its facet projections) for centroids, splits, merges and delta assignment; default
+    ``emb_NxD`` in every facet. Reranking always uses ``emb_NxD``."""
     emb = _check_float("emb_NxD", emb_NxD, (None, None))
     n, d = emb.shape
     if n == 0:
         raise ValueError("emb_NxD: expected at least one item, got 0 rows")
     codes, m, lv = _check_codes("codes_NxFxL", codes_NxFxL, n, num_codes, levels)
+    f_num = codes.shape[1]
+    facet_x = None
+    if facet_emb_NxFxD is not None:
+        facet_x = _check_float("facet_emb_NxFxD", facet_emb_NxFxD, (n, f_num, d))
     r = n if row_capacity is None else int(row_capacity)
     if r < n:
         raise ValueError(f"row_capacity: expected >= N={n}, got {r}")
@@ -356,10 +213,13 @@ def build_snapshot(
     if ids_N is None and v < n:
         raise ValueError(f"id_capacity: expected >= N={n} (default ids 0..N-1), got {v}")
     ids = np.arange(n, dtype=np.int32) if ids_N is None else _check_ids("ids_N", ids_N, n, v)
+    config = RebalanceConfig() if config is None else config
     rng = np.random.default_rng(config.seed)
-    results = [
-        _cluster_facet(emb, code_keys(codes[:, f, :lv], m), config, rng) for f in range(codes.shape[1])
-    ]
+    results = []
+    for f in range(f_num):
+        x = emb if facet_x is None else facet_x[:, f]
+        cl, cents, pkey, pcl, before, after = cluster_facet(x, code_keys(codes[:, f, :lv], m), config, rng)
+        results.append((cl, FacetTable(cents, pkey, pcl), before, after))
     cmax = max(t.num_clusters for _, t, _, _ in results)
     cap = cmax if cluster_capacity is None else int(cluster_capacity)
     if cap < cmax:
@@ -381,6 +241,7 @@ def build_snapshot(
         num_rows=n,
         num_codes=m,
         levels=lv,
+        facet_space=facet_x is not None,
         stats_before=tuple(b for _, _, b, _ in results),
         stats_after=tuple(a for _, _, _, a in results),
         version=version,
@@ -406,13 +267,14 @@ def _allowed_by_code(key_A, table: FacetTable) -> np.ndarray:
     return allowed
 
 
-def assign_to_clusters(index: MFLIIndex, emb_AxD: np.ndarray, codes_AxFxL=None, chunk: int = 4096):
-    """(A, F) cluster of each new item per facet (see the module docstring). Inputs validated by caller."""
-    a = emb_AxD.shape[0]
+def assign_to_clusters(index: MFLIIndex, x_AxFxD: np.ndarray, codes_AxFxL=None, chunk: int = 4096):
+    """(A, F) cluster of each new item per facet from its facet embeddings (see the module docstring).
+    Inputs validated by the caller."""
+    a = x_AxFxD.shape[0]
     out = np.empty((a, index.num_facets), np.int32)
     for f, table in enumerate(index.facets):
         for s in range(0, a, chunk):
-            x = emb_AxD[s : s + chunk]
+            x = x_AxFxD[s : s + chunk, f]
             allowed = None
             if codes_AxFxL is not None:
                 key = code_keys(codes_AxFxL[s : s + chunk, f, : index.levels], index.num_codes)
@@ -421,10 +283,19 @@ def assign_to_clusters(index: MFLIIndex, emb_AxD: np.ndarray, codes_AxFxL=None, 
     return out
 
 
-def add_items(index: MFLIIndex, ids_A, emb_AxD, *, codes_AxFxL=None) -> MFLIIndex:
-    """Delta snapshot: A new items (external ids new and unique, in [0, V)) join existing clusters."""
+def add_items(index: MFLIIndex, ids_A, emb_AxD, *, codes_AxFxL=None, facet_emb_AxFxD=None) -> MFLIIndex:
+    """Delta snapshot: A new items (external ids new and unique, in [0, V)) join existing clusters.
+    ``facet_emb_AxFxD`` is required when the snapshot was built with facet embeddings (and refused when not).
+    Cost: the snapshot's host arrays are copied (O(R (D + F)); snapshots are immutable)."""
     emb = _check_float("emb_AxD", emb_AxD, (None, index.dim))
     a = emb.shape[0]
+    if index.facet_space != (facet_emb_AxFxD is not None):
+        want = "facet embeddings" if index.facet_space else "None (the snapshot has no facet embeddings)"
+        raise ValueError(f"facet_emb_AxFxD: expected {want}, got {type(facet_emb_AxFxD).__name__}")
+    if facet_emb_AxFxD is None:
+        facet_x = np.broadcast_to(emb[:, None, :], (a, index.num_facets, index.dim))
+    else:
+        facet_x = _check_float("facet_emb_AxFxD", facet_emb_AxFxD, (a, index.num_facets, index.dim))
     ids = _check_ids("ids_A", ids_A, a, len(index.row_of_id_V))
     present = ids[index.row_of_id_V[ids] >= 0]
     if len(present):
@@ -441,7 +312,7 @@ def add_items(index: MFLIIndex, ids_A, emb_AxD, *, codes_AxFxL=None) -> MFLIInde
             raise ValueError(
                 f"codes_AxFxL: expected shape ({a}, {index.num_facets}, >= {index.levels}), got {codes.shape}"
             )
-    new_cluster = assign_to_clusters(index, emb, codes)
+    new_cluster = assign_to_clusters(index, facet_x, codes)
     rows = np.arange(index.num_rows, index.num_rows + a, dtype=np.int32)
     counts, offsets, items = index.counts_FxC.copy(), index.offsets_FxC.copy(), index.items_FxR.copy()
     for f in range(index.num_facets):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from recjax.retrieval import mfli_index as mi
+from recjax.retrieval import mfli_rebalance as mr
 from recjax.retrieval import mfli_serving as ms
 
 N, D, M, L = 400, 16, 4, 2
@@ -81,11 +82,11 @@ def test_split_of_identical_items_and_balance_stats():
     index = mi.build_snapshot(emb, np.zeros((100, 1, 1), np.int32), config=mi.RebalanceConfig(upper_bound=7))
     assert sizes(index, 0).max() <= 7 and sizes(index, 0).sum() == 100
     assert_csr_matches_table(index)
-    s = mi.balance_stats([1, 1, 1, 1])
+    s = mr.balance_stats([1, 1, 1, 1])
     assert s.gini == 0 and s.max_over_mean == 1
-    s = mi.balance_stats([0, 0, 0, 10])  # empty clusters are not counted
+    s = mr.balance_stats([0, 0, 0, 10])  # empty clusters are not counted
     assert s.num_clusters == 1 and s.gini == 0
-    assert abs(mi.balance_stats([1, 3]).gini - 0.25) < 1e-12  # (2-2-1)*1 + (4-2-1)*3 = 2; 2 / (2*4)
+    assert abs(mr.balance_stats([1, 3]).gini - 0.25) < 1e-12  # (2-2-1)*1 + (4-2-1)*3 = 2; 2 / (2*4)
 
 
 def test_merge_respects_upper_bound(rng):
@@ -101,6 +102,34 @@ def test_merge_respects_upper_bound(rng):
     )
     assert sizes(index, 0).tolist() == [60]
     assert sorted(index.facets[0].pair_key_P.tolist()) == [0, 1]  # both keys map to the merged cluster
+
+
+def test_facet_embeddings_drive_the_cluster_geometry(rng):
+    emb = rng.normal(size=(N, D)).astype(np.float32)
+    proj = rng.normal(size=(2, D, D)).astype(np.float32)
+    facet = np.einsum("nd,fde->nfe", emb, proj)
+    codes = skewed_codes(rng)
+    cfg = mi.RebalanceConfig(upper_bound=40, lower_bound=5)
+    index = mi.build_snapshot(emb, codes, facet_emb_NxFxD=facet, config=cfg, row_capacity=N + 5)
+    assert_csr_matches_table(index)
+    for f in range(2):
+        for c in range(index.facets[f].num_clusters):
+            members = csr_members(index, f, c)
+            np.testing.assert_allclose(
+                index.facets[f].centroids_CxD[c], facet[members, f].mean(0), rtol=1e-4, atol=1e-3
+            )
+    new = rng.normal(size=(2, D)).astype(np.float32)
+    with pytest.raises(ValueError, match="facet_emb_AxFxD"):
+        mi.add_items(index, np.array([N, N + 1]), new)
+    new_facet = np.einsum("nd,fde->nfe", new, proj)
+    index2 = mi.add_items(index, np.array([N, N + 1]), new, facet_emb_AxFxD=new_facet)
+    assert_csr_matches_table(index2)
+    for f in range(2):
+        cents = index.facets[f].centroids_CxD
+        want = np.argmin(((cents[None] - new_facet[:, f, None]) ** 2).sum(-1), axis=1)
+        np.testing.assert_array_equal(index2.cluster_RxF[N : N + 2, f], want)
+    with pytest.raises(ValueError, match="facet_emb_NxFxD"):
+        mi.build_snapshot(emb, codes, facet_emb_NxFxD=facet[:, :1])
 
 
 # ------------------------------------------------------------------------------------------- deltas
