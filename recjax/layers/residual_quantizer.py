@@ -6,7 +6,8 @@ Quantization (facet f, active levels A): ``r_0 = x_f``; level l picks ``c_l = ar
 and ``r_{l+1} = r_l - C[f, l, c_l]``; the quantized embedding is ``q_f = sum_{l < A} C[f, l, c_l]``. Levels
 at or beyond A (not active yet) contribute zero and report code 0.
 
-Facets: with ``facet_projection`` each facet quantizes its own linear projection ``x_f = P_f x`` (P_f starts
+Facets: with ``facet_projection`` each facet quantizes its own linear projection ``x_f = P_f x``, rescaled to
+the norm of x (so the losses cannot shrink P_f; an l2-normalized item stays a unit vector) (P_f starts
 at the identity plus a small seeded perturbation, so the facets differ from the first step and can drift
 apart with training); without it every facet quantizes the raw x and the facets differ only by their
 k-means seeds. The paper's facets are separate codings of one item; a projection per facet is our choice
@@ -119,7 +120,8 @@ class ResidualQuantizerConfig:
 
 
 class QuantizerStep(nnx.Variable):
-    """Training steps the quantizer has seen (drives delayed start and the level schedule)."""
+    """The step of the latest training forward (-1 before any); drives delayed start and the level
+    schedule (levels active at that step are the ones :meth:`ResidualQuantizer.quantize` uses)."""
 
 
 class CodeUsage(nnx.Variable):
@@ -154,7 +156,10 @@ def facet_inputs(
     x = jnp.asarray(items_NxD, jnp.float32)
     if projection_FxDxD is None:
         return jnp.broadcast_to(x[:, None, :], (x.shape[0], num_facets, x.shape[1]))
-    return jnp.einsum("nd,fde->nfe", x, projection_FxDxD.astype(jnp.float32))
+    y = jnp.einsum("nd,fde->nfe", x, projection_FxDxD.astype(jnp.float32))
+    # Rescaled to the input's norm: shrinking P_f would otherwise shrink the commitment loss for free.
+    norm_in = jnp.sqrt(jnp.sum(x * x, -1, keepdims=True))[:, None]
+    return y * norm_in * jax.lax.rsqrt(jnp.maximum(jnp.sum(y * y, -1, keepdims=True), _EPS))
 
 
 def _sq_distances(r_NxFxD: jax.Array, cb_FxMxD: jax.Array) -> jax.Array:
@@ -249,6 +254,29 @@ def kmeans_codebook(
     return kmeans(x_SxD, valid_S, x_SxD[:num_codes], iterations)
 
 
+def kmeans_level(
+    codebooks_FxLxMxD: jax.Array,
+    x_NxFxD: jax.Array,
+    valid_N: jax.Array,
+    level: int,
+    key: jax.Array,
+    iterations: int,
+    sample: int,
+) -> jax.Array:
+    """The codebooks with level ``level`` (static) replaced, per facet f, by :func:`kmeans_codebook` of the
+    level's residuals (the levels before it as they are now) with key ``fold_in(key, f)``."""
+    F, L, M, _ = codebooks_FxLxMxD.shape
+    if not 0 <= level < L:
+        raise ValueError(f"level: expected a level in [0, {L}), got {level}")
+    quant, _, _ = residual_quantize(x_NxFxD, codebooks_FxLxMxD, level)
+    resid_NxFxD = jax.lax.stop_gradient(x_NxFxD - quant)
+    keys_F = jax.vmap(lambda f: jax.random.fold_in(key, f))(jnp.arange(F))
+    new_FxMxD = jax.vmap(
+        lambda x_NxD, k: kmeans_codebook(x_NxD, valid_N, k, M, iterations, sample), in_axes=(1, 0)
+    )(resid_NxFxD, keys_F)
+    return codebooks_FxLxMxD.at[:, level].set(new_FxMxD.astype(codebooks_FxLxMxD.dtype))
+
+
 def code_usage_metrics(codes_NxFxL: jax.Array, num_codes: int, valid_N: jax.Array | None = None) -> dict:
     """Per facet f and level l, over the valid items: ``rq/f{f}_l{l}/perplexity`` (exp of the entropy of
     the code frequencies; M at uniform use), ``used`` (fraction of the M codes with an item),
@@ -324,7 +352,7 @@ class ResidualQuantizer(nnx.Module):
             self.projection = nnx.Param(jnp.eye(D, dtype=jnp.float32)[None] + noise)
         else:
             self.projection = None
-        self.step = QuantizerStep(jnp.zeros((), jnp.int32))
+        self.step = QuantizerStep(jnp.full((), -1, jnp.int32))  # no training step yet
         self.usage = CodeUsage(jnp.full((F, L, M), 1.0 / M, jnp.float32))
 
     @property
@@ -399,11 +427,9 @@ class ResidualQuantizer(nnx.Module):
         return QuantizerOutput(st, codes, loss, metrics)
 
     def kmeans_init(self, items_NxD: jax.Array, level: int, key: jax.Array, valid_N: jax.Array | None = None):
-        """Replaces level ``level``'s codebooks (every facet) by k-means of the level's residuals (levels
-        before it as they are now). Traceable; the model calls it under ``lax.cond`` at the level's step."""
+        """Replaces level ``level``'s codebooks (every facet) by k-means of the level's residuals
+        (:func:`kmeans_level`). Traceable."""
         c = self.config
-        if not 0 <= level < c.num_levels:
-            raise ValueError(f"level: expected a level in [0, {c.num_levels}), got {level}")
         x_NxFxD = self.facet_inputs(items_NxD)
         valid_N = jnp.ones((x_NxFxD.shape[0],), bool) if valid_N is None else valid_N
         if not validation.is_tracer(valid_N) and int(np.sum(np.asarray(valid_N))) < c.codebook_size:
@@ -411,20 +437,6 @@ class ResidualQuantizer(nnx.Module):
                 f"items_NxD: k-means of {c.codebook_size} codes needs at least that many valid items, got "
                 f"{int(np.sum(np.asarray(valid_N)))}"
             )
-        cb = self.codebooks[...]
-        quant, _, _ = residual_quantize(x_NxFxD, cb, level)
-        resid_NxFxD = jax.lax.stop_gradient(x_NxFxD - quant)
-        new_FxMxD = jnp.stack(
-            [
-                kmeans_codebook(
-                    resid_NxFxD[:, f],
-                    valid_N,
-                    jax.random.fold_in(key, f),
-                    c.codebook_size,
-                    c.kmeans_iterations,
-                    c.kmeans_sample,
-                )
-                for f in range(c.num_facets)
-            ]
+        self.codebooks[...] = kmeans_level(
+            self.codebooks[...], x_NxFxD, valid_N, level, key, c.kmeans_iterations, c.kmeans_sample
         )
-        self.codebooks[...] = cb.at[:, level].set(new_FxMxD)
