@@ -81,10 +81,29 @@ def _lime_task(split, tcfg, config, batch_iter):
     )
 
 
+def _mfli_task(split, tcfg, config, batch_iter):
+    from recjax.models.mfli import MFLITask
+
+    task_cfg = dict(config.get("task", {}) or {})
+    return MFLITask(
+        split,
+        max_len=config.data.max_len,
+        batch_size=tcfg.batch_size,
+        label_weights=dict(task_cfg.get("label_weights", {"next_item": 1.0})),
+        quantized_weight=task_cfg.get("quantized_weight", 1.0),
+        loss=tcfg.loss,
+        eval_batch_size=tcfg.eval_batch_size,
+        ks=tcfg.ks,
+        early_stop_metric=tcfg.early_stop_metric,
+        eval_impl=tcfg.eval_impl,
+        batch_iter=batch_iter,
+    )
+
+
 # Models trained by a task other than NextItemTask: model name -> (split, TrainConfig, config, batch_iter)
 # -> Task. The optional ``config.task`` section holds that task's own settings.
-TASK_BUILDERS = {"lime": _lime_task}
-TASK_SETTINGS = {"lime": ("cuts_per_sequence",)}
+TASK_BUILDERS = {"lime": _lime_task, "mfli": _mfli_task}
+TASK_SETTINGS = {"lime": ("cuts_per_sequence",), "mfli": ("label_weights", "quantized_weight")}
 
 
 def model_overrides(model_name: str, model_cfg: dict, dataset) -> dict:

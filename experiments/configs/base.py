@@ -91,6 +91,40 @@ def lime_task(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(cfg)
 
 
+def mfli_model(**overrides) -> ml_collections.ConfigDict:
+    # MFLI (recjax/models/mfli.py): a SASRec user tower at our ML-1M size (d=50, 2 blocks, 1 head) and a
+    # residual quantizer of 3 facets x 2 levels x 64 codes; see docs/MFLI.md for the fields.
+    cfg = {
+        "name": "mfli",
+        "encoder": "sasrec",  # "sasrec" | "hstu"
+        "embed_dim": 50,
+        "num_blocks": 2,
+        "num_heads": 1,
+        "dropout": 0.2,
+        "l2_normalize": True,
+        "num_facets": 3,
+        "num_levels": 2,
+        "codebook_size": 64,
+        "commitment_weight": 0.25,
+        "start_step": 0,  # delayed start: no quantizer (and no quantized loss) before this step
+        "level_schedule": (),  # step at which each level activates; () = all at start_step
+        "usage_penalty": 0.1,
+        "usage_decay": 0.99,
+        "facet_projection": True,
+        "kmeans_iterations": 10,
+    }
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
+def mfli_task(**overrides) -> ml_collections.ConfigDict:
+    # MFLITask: per label type weights of the (raw + quantized) sampled softmax; quantized_weight scales the
+    # quantized-embedding term.
+    cfg = {"label_weights": {"next_item": 1.0}, "quantized_weight": 1.0}
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
 def train_config(**overrides) -> ml_collections.ConfigDict:
     # Sampled softmax, 128 uniform negatives, temperature 0.05, AdamW lr 1e-3 (generative-recommenders).
     cfg = {

@@ -15,12 +15,14 @@ from flax import nnx
 
 from recjax.models.hstu import HSTU, HSTUConfig
 from recjax.models.lime import LIME, LimeConfig
+from recjax.models.mfli import MFLI, MFLIConfig
 from recjax.models.sasrec import SASRec, SASRecConfig
 
 MODELS: dict[str, tuple[type, type]] = {
     "sasrec": (SASRec, SASRecConfig),
     "hstu": (HSTU, HSTUConfig),
     "lime": (LIME, LimeConfig),
+    "mfli": (MFLI, MFLIConfig),
 }
 
 

@@ -7,7 +7,7 @@ from recjax.models import HSTU, SASRec, build_model, config_fields, make_config,
 
 
 def test_names_and_defaults():
-    assert model_names() == ("hstu", "lime", "sasrec")
+    assert model_names() == ("hstu", "lime", "mfli", "sasrec")
     sas = make_config("sasrec", 3706)
     assert (sas.max_len, sas.embed_dim, sas.num_blocks, sas.num_heads, sas.dropout) == (200, 50, 2, 1, 0.2)
     assert (sas.ffn, sas.ffn_hidden_dim, sas.ffn_activation, sas.l2_normalize) == ("dense", 50, "relu", True)
@@ -26,7 +26,8 @@ def test_build_model_with_overrides():
 
 
 def test_errors_list_valid_choices():
-    with pytest.raises(ValueError, match=r"model name: expected one of \('hstu', 'lime', 'sasrec'\), got 'bert4rec'"):
+    names = r"\('hstu', 'lime', 'mfli', 'sasrec'\)"
+    with pytest.raises(ValueError, match=rf"model name: expected one of {names}, got 'bert4rec'"):
         build_model("bert4rec", 10, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"unknown \['hidden'\]; valid keys are \[.*'embed_dim'"):
         build_model("sasrec", 10, rngs=nnx.Rngs(0), hidden=3)
