@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from recjax.sharding import distributed
+
 DEFAULT_RULES: Mapping[str, str | None] = {
     "batch": "data",
     "embed": None,
@@ -91,7 +93,8 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """Puts a host batch on the mesh; the batch size must divide the data axis size."""
+    """Puts a host batch on the mesh; the batch size must divide the data axis size. With several
+    processes every one holds the same global batch and puts the rows of its own devices."""
     n = mesh.shape["data"]
     out = {}
     for k, v in batch.items():
@@ -99,7 +102,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dic
             raise ValueError(
                 f"batch[{k!r}]: batch size {v.shape[0]} is not divisible by {n} data-parallel devices"
             )
-        out[k] = jax.device_put(v, batch_sharding(mesh))
+        out[k] = distributed.global_array(v, batch_sharding(mesh))  # each process: its own shards
     return out
 
 

@@ -38,6 +38,7 @@ from flax import nnx, struct
 from tqdm.auto import tqdm
 
 from recjax.eval import ranking
+from recjax.sharding import distributed as distributed_lib
 from recjax.sharding import embedding as embedding_lib
 from recjax.sharding import mesh as mesh_lib
 from recjax.train import workdir as workdir_lib
@@ -179,7 +180,7 @@ def _from_storable(stored, like):
 
 def _host_copy(tree):
     """A numpy copy (never a view of a device buffer that a donated step may overwrite)."""
-    return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+    return jax.tree.map(lambda x: np.array(x, copy=True), distributed_lib.host_tree(tree))
 
 
 def _distinct_buffers(tree):
@@ -274,6 +275,7 @@ class Trainer:
             embedding_plan.check(self.mesh)
             rules = embedding_plan.rules(rules)
         self.embedding_plan = embedding_plan
+        distributed_lib.check_checkpoints(cfg.checkpoint_every_steps, cfg.checkpoint_every_epochs)
         n_dev = self.mesh.shape["data"]
         for name in ("batch_size", "eval_batch_size"):
             if getattr(cfg, name) % n_dev:
@@ -293,21 +295,21 @@ class Trainer:
         self.optimizer = optimizer or make_optimizer(cfg)
 
         repl = mesh_lib.replicated(self.mesh)
-        params = jax.device_put(params, mesh_lib.variable_shardings(params, self.mesh, rules))
-        rest = jax.device_put(rest, repl)
+        params = distributed_lib.put(params, mesh_lib.variable_shardings(params, self.mesh, rules))
+        rest = distributed_lib.put(rest, repl)
         # Adam's moments get their parameters' shardings (propagation through init does not carry them
         # to zeros_like: a row-sharded table's moments came out replicated); the rest is replicated.
         opt_state = jax.tree.map(
-            lambda x: x if getattr(x.sharding, "mesh", None) == self.mesh else jax.device_put(x, repl),
+            lambda x: x if getattr(x.sharding, "mesh", None) == self.mesh else distributed_lib.put(x, repl),
             jax.jit(self.optimizer.init, out_shardings=_opt_shardings(self.optimizer, params, repl))(params),
         )
         state = TrainState(
             params=params,
             rest=rest,
             opt_state=opt_state,
-            rng=jax.device_put(jax.random.key(cfg.seed), repl),
-            step=jax.device_put(jnp.zeros((), jnp.int32), repl),
-            task_state=jax.device_put(task.init_state(params), repl),
+            rng=distributed_lib.put(jax.random.key(cfg.seed), repl),
+            step=distributed_lib.put(jnp.zeros((), jnp.int32), repl),
+            task_state=distributed_lib.put(task.init_state(params), repl),
         )
         state = _distinct_buffers(state)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -367,8 +369,8 @@ class Trainer:
             )
         if params is None:
             if split == "test" and self.cfg.eval_every_epochs:
-                params = jax.device_put(self.best["params"], self.state_shardings.params)
-                task_state = jax.device_put(self.best["task_state"], self.state_shardings.task_state)
+                params = distributed_lib.put(self.best["params"], self.state_shardings.params)
+                task_state = distributed_lib.put(self.best["task_state"], self.state_shardings.task_state)
             else:
                 params, task_state = self.state.params, self.state.task_state
         return self.task.evaluate(self.eval_model(params), split, task_state)
