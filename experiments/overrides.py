@@ -99,11 +99,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     ValueError/TypeError name the bad field (e.g. ``train.batch_size: expected > 0, got 0``).
     """
+    from experiments import parallel
     from experiments.train_lib import check_model_config, train_config
     from recjax.data.synthetic import SyntheticConfig
 
     train_config(config.train)
     check_model_config(config)
+    parallel.check(config)  # mesh, embeddings, length buckets, balance sections
     if "synthetic" in config.data:
         synthetic = config.data.synthetic.to_dict()
         synthetic.pop("seed", None)

@@ -127,6 +127,7 @@ def run_experiment(
     already holds the results of this config is reported, not trained again."""
     from flax import nnx
 
+    from experiments import parallel
     from recjax.data.splits import leave_one_out
     from recjax.eval import ranking
     from recjax.models.registry import build_model
@@ -140,6 +141,8 @@ def run_experiment(
     model_name = model_cfg.pop("name")
     check_model_config(config)
     batch_iter = batch_iterator(config.data.pipeline)
+    # mesh / embedding plan / length buckets / balancing from the optional sections (experiments/parallel.py)
+    mesh, plan, batch_iter = parallel.setup(config, batch_iter)
     config_dict = json.loads(config.to_json_best_effort())
     with workdir_lib.WorkdirLock(workdir):
         done = workdir_lib.finished_results(workdir, config_dict)
@@ -162,7 +165,7 @@ def run_experiment(
             task = TASK_BUILDERS[model_name](split, tcfg, config, batch_iter)
         else:
             task = NextItemTask.from_config(split, tcfg, max_len=config.data.max_len, batch_iter=batch_iter)
-        results = Trainer(model, task, tcfg, workdir).fit()
+        results = Trainer(model, task, tcfg, workdir, mesh=mesh, embedding_plan=plan).fit()
         from recjax.data import batching
 
         test_batches = batching.batches(task.examples["test"], tcfg.eval_batch_size)

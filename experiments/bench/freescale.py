@@ -60,6 +60,8 @@ def _settings(small: bool) -> dict[str, Any]:
     cfg = freescale_hstu_ml1m.get_config()
     fs = dict(cfg.freescale)
     fs["max_len"], fs["model"] = cfg.data.max_len, dict(cfg.model)
+    fs.update(placement=cfg.embeddings.tables["items"], plan_axis=cfg.embeddings.axis,
+              alpha=cfg.data.balance.alpha, min_width=cfg.data.length_buckets.min_width)  # fmt: skip
     if small:
         fs.update(table_rows=1024, per_device_batch=8, steps=4, max_len=32)
         fs["model"].update(embed_dim=8, attention_dim=8, linear_dim=8, num_blocks=1)
