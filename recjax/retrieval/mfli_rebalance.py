@@ -129,9 +129,14 @@ def _merge(sizes, centroids_CxD, lower: int, upper: int | None) -> np.ndarray:
 
 
 def _segment_mean(x_NxD, seg_N, num):
+    """Mean row per segment (zeros for empty ones); sorted reduceat, np.add.at is ~50x slower at 1M rows."""
+    counts = np.bincount(seg_N, minlength=num)
+    order = np.argsort(seg_N, kind="stable")
+    starts = np.cumsum(counts) - counts
     sums = np.zeros((num, x_NxD.shape[1]), np.float64)
-    np.add.at(sums, seg_N, x_NxD)
-    return (sums / np.maximum(np.bincount(seg_N, minlength=num), 1)[:, None]).astype(np.float32)
+    full = counts > 0
+    sums[full] = np.add.reduceat(x_NxD[order].astype(np.float64), starts[full], axis=0)
+    return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
 
 def cluster_facet(emb_NxD, keys_N, config: RebalanceConfig, rng: np.random.Generator):

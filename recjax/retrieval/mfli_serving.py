@@ -120,7 +120,9 @@ def first_occurrence(rows_BxP: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("k", "k_clusters", "max_candidates", "impl", "mode"))
-def _serve(arrays, queries_BxD, trigger_rows_BxT, key, *, k, k_clusters, max_candidates, impl, mode):
+def serve(arrays, queries_BxD, trigger_rows_BxT, key, *, k, k_clusters, max_candidates, impl, mode):
+    """The jitted path behind :func:`retrieve`, no checks (trigger *rows*, not ids; ``mode`` "queries" or
+    "triggers"); benchmarks time this."""
     if mode == "queries":
         clusters = select_by_queries(arrays, queries_BxD, k_clusters)
     else:
@@ -184,7 +186,7 @@ def retrieve(
     if key is not None and rows is None:
         raise ValueError("key: sampling needs trigger_ids_BxT (the histogram mode)")
     mode = "triggers" if rows is not None else "queries"
-    return _serve(
+    return serve(
         arrays,
         queries_BxD,
         rows,
