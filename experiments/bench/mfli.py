@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
 
 import jax
@@ -210,6 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--deadline", type=float, default=float("inf"), help="seconds; later rows are skipped")
     a = ap.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # rows survive a timeout kill
     if a.small:
         a.n, a.d, a.b, a.facets, a.codes, a.upper, a.lower = 3000, 32, a.b or [1, 8], 2, 8, 50, 20
         a.k_clusters, a.candidates, a.triggers, a.ivf_clusters, a.reps, a.recall_queries = (
