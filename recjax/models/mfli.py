@@ -40,7 +40,7 @@ quantizer's L), M codes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -51,7 +51,6 @@ from flax import nnx
 
 from recjax import validation
 from recjax.data import batching
-from recjax.eval import ranking
 from recjax.layers import residual_quantizer as rq
 from recjax.models.hstu import HSTU, HSTUConfig
 from recjax.models.sasrec import SASRec, SASRecConfig
@@ -286,17 +285,13 @@ class MFLITask(NextItemTask):
         self,
         split,
         *,
-        max_len: int,
-        batch_size: int,
         label_weights: Mapping[str, float] | Sequence[tuple[str, float]] = (("next_item", 1.0),),
         quantized_weight: float = 1.0,
-        loss: LossConfig = LossConfig(),  # noqa: B008 -- frozen dataclass, as NextItemTask's
-        eval_batch_size: int = 256,
-        ks: Sequence[int] = ranking.DEFAULT_KS,
-        early_stop_metric: str = "ndcg@10",
-        eval_impl: str = "auto",
-        batch_iter: Callable[..., Iterator[dict]] | None = None,
+        **kwargs: Any,
     ):
+        """``kwargs``: NextItemTask's (``max_len``, ``batch_size``, ``loss``, ``eval_batch_size``, ``ks``,
+        ``early_stop_metric``, ``eval_impl``, ``batch_iter``)."""
+        loss = kwargs.get("loss", LossConfig())
         if loss.name != "sampled_softmax":
             raise ValueError(f"train.loss.name: MFLI trains with 'sampled_softmax', got {loss.name!r}")
         pairs = tuple(sorted(dict(label_weights).items()))
@@ -308,17 +303,8 @@ class MFLITask(NextItemTask):
             if not weight >= 0:
                 raise ValueError(f"label_weights[{name!r}]: expected a weight >= 0, got {weight}")
         validation.check_positive("quantized_weight", quantized_weight, allow_zero=True)
-        super().__init__(
-            split,
-            max_len=max_len,
-            batch_size=batch_size,
-            loss=loss,
-            eval_batch_size=eval_batch_size,
-            ks=ks,
-            early_stop_metric=early_stop_metric,
-            eval_impl=eval_impl,
-            batch_iter=batch_iter,
-        )
+        super().__init__(split, **kwargs)
+        max_len = self.max_len
         self.label_weights, self.quantized_weight = pairs, float(quantized_weight)
         self.train_examples = {**self.train_examples, **label_examples(split, [n for n, _ in pairs], max_len)}
         self._graphdef = None

@@ -124,7 +124,7 @@ def test_trains_through_the_trainer(split, tmp_path):
     before = raw_losses(model, 0)
     tcfg = TrainConfig(
         batch_size=32, num_epochs=10, learning_rate=5e-3, progress=False, ks=(10,), eval_batch_size=64,
-        patience=0, eval_every_epochs=5,
+        patience=0, eval_every_epochs=5, checkpoint_every_epochs=0,
     )  # fmt: skip
     trainer = Trainer(model, task, tcfg, tmp_path)
     results = trainer.fit()
