@@ -22,5 +22,4 @@ def get_config():
         kmeans_iterations=5,
     )
     config.task = base.mfli_task(label_weights={"any_rating": 1.0, "rating_ge_4": 0.5})
-    config.train.num_epochs = 6
     return config
