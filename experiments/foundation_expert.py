@@ -113,7 +113,7 @@ def run_seed(c, data, seed: int, workdir: pathlib.Path, store: TAEStore, progres
                 f"{store.path / f'v{version}'} and its manifest entry (or the store) and rerun"
             )
         if info is None:
-            best = trainer.eval_model(trainer.best["params"])
+            best = trainer.best_model()
             store.create_version(
                 version, best.config.embed_dim, dtype=c.tae_dtype, note=f"fm {blocks} blocks"
             )

@@ -194,9 +194,8 @@ def train_tower(
     )  # fmt: skip
     trainer = Trainer(model, task, cfg, workdir)
     result = trainer.fit()
-    params = jax.device_put(trainer.best["params"], trainer.state_shardings.params)
     test = result["test"]
-    return trainer.eval_model(params), {k: test[k] for k in ordered_metrics(test)}
+    return trainer.best_model(), {k: test[k] for k in ordered_metrics(test)}
 
 
 # -------------------------------------------------------------------------------------------- scorer
@@ -220,8 +219,7 @@ def train_scorer(
     opt = optax.adam(optax.cosine_decay_schedule(cfg.learning_rate, max(steps, 1)))
     trainer = Trainer(scorer, task, cfg, workdir, optimizer=opt)
     result = trainer.fit()
-    params = jax.device_put(trainer.best["params"], trainer.state_shardings.params)
-    return trainer.eval_model(params), result["test"]
+    return trainer.best_model(), result["test"]
 
 
 def rerank_ablation(scorer, cands_CxK, u_test, us_test, table, item_side, ex, n: int, rated: bool) -> dict:

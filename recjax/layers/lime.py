@@ -303,11 +303,11 @@ class LimeItemCache:
 
     ``weights_NxR``: link weights A of every item row; ``items_NxD``: the item vectors the scorer reads
     (L2-normalised when the model normalises); ``version``: the model's item version when it was built.
-    A model whose items or links changed since (every training step bumps the version) refuses it."""
+    A model whose items or links changed since (every training step advances the tag) refuses it."""
 
     weights_NxR: jax.Array
     items_NxD: jax.Array
-    version: jax.Array  # int32 scalar
+    version: jax.Array  # uint32 scalar tag
 
 
 class CandidateScorer(nnx.Module):

@@ -6,9 +6,9 @@ through the item cache).
 ``model.score(personal, candidates)`` scores candidate ids on the fly from the current parameters;
 ``model.build_item_cache()`` precomputes the item side (link weights A and the scorer's item vectors) for
 every item, and ``model.score_cached(personal, cache, candidates=None)`` scores through it: O(R D) per
-candidate, independent of the history length. Every training step bumps ``item_version`` (the item table
-and the links change); a cache of an older version is refused (an error outside jit; NaN scores, which rank
-last, inside a jit the caller built).
+candidate, independent of the history length. ``item_version`` (``recjax.train.item_version``) is a tag of
+the parameters that the Trainer advances every step; a cache built under another tag (older parameters,
+another model) is refused (an error outside jit; NaN scores, which rank last, inside a jit the caller built).
 
 Training (``LimeNextItemTask``): a request is (history prefix, next item), the LIME request form (the links
 summarise the whole prefix they see). Per training sequence the loss takes ``cuts_per_sequence`` prefixes
@@ -48,6 +48,7 @@ from recjax.layers.lime import (
 )
 from recjax.models.sasrec import SequenceEmbedding, validate_sequence_inputs
 from recjax.train import losses
+from recjax.train.item_version import new_item_version
 from recjax.train.tasks import LossConfig, NextItemTask
 
 ATTENTIONS = ("xor", "mha")
@@ -95,10 +96,6 @@ class LimeConfig:
             raise ValueError(f"lime.num_heads: expected a divisor of embed_dim={self.embed_dim}")
         if self.contextualize and not self.user_feature_sizes:
             raise ValueError("lime.user_feature_sizes: contextualize=True needs the user feature sizes")
-
-
-class ItemVersion(nnx.Variable):
-    """Counts the updates of the item side (item table, links); a cache remembers the value it saw."""
 
 
 class LIME(nnx.Module):
@@ -150,7 +147,7 @@ class LIME(nnx.Module):
                 ]
             )
         self.scorer = CandidateScorer(cfg.scorer, D, cfg.scorer_hidden, rngs=rngs)
-        self.item_version = ItemVersion(jnp.zeros((), jnp.int32))
+        self.item_version = new_item_version(rngs)  # the Trainer advances it every step
 
     # -- user side ------------------------------------------------------------------------------------
     def __call__(
@@ -244,7 +241,8 @@ class LIME(nnx.Module):
         if not validation.is_tracer(stale) and bool(stale):
             raise ValueError(
                 f"cache: built at item version {int(cache.version)}, the model is at {int(version)} (its "
-                "items or links changed since); rebuild it with model.build_item_cache()"
+                "items or links changed since, or it is another model); rebuild it with "
+                "model.build_item_cache()"
             )
         if candidates is None:
             weights, items = cache.weights_NxR, cache.items_NxD
@@ -254,10 +252,6 @@ class LIME(nnx.Module):
             weights, items = cache.weights_NxR[ids], cache.items_NxD[ids]
         scores = self._score(personal_BxRxD, weights, items)
         return jnp.where(stale, jnp.nan, scores)
-
-    def bump_item_version(self) -> None:
-        """Called by the training loss: the step about to run changes the items and links."""
-        self.item_version[...] = self.item_version[...] + 1
 
     def _check_candidates(self, name: str, ids, batch: int) -> None:
         validation.check_dtype(name, ids, "iu")
@@ -319,7 +313,6 @@ def lime_next_item_loss(
     neg_M = jax.random.randint(neg_rng, (cfg.num_negatives,), 1, rows, dtype=jnp.int32)
     neg_ExM = model.score(personal_ExRxD, neg_M)
     hit_ExM = neg_M[None, :] == target_E[:, None]
-    model.bump_item_version()
     return losses.softmax_over_sampled(pos_E, neg_ExM, hit_ExM, valid_E, cfg.temperature)
 
 

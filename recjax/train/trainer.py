@@ -41,6 +41,8 @@ from recjax.eval import ranking
 from recjax.sharding import distributed as distributed_lib
 from recjax.sharding import embedding as embedding_lib
 from recjax.sharding import mesh as mesh_lib
+from recjax.sharding import prefetch as prefetch_lib
+from recjax.train import item_version
 from recjax.train import workdir as workdir_lib
 from recjax.train.checkpoint import Checkpointer
 from recjax.train.metric_writer import MetricWriter
@@ -137,6 +139,7 @@ def make_train_step(
         (loss, metrics), grads = nnx.value_and_grad(
             lambda m: task.loss(m, batch, rng), argnums=nnx.DiffState(0, nnx.Param), has_aux=True
         )(model)
+        item_version.advance_item_versions(model)  # kept back with the rest by a non-finite step
         # What a custom loss left sown outside nnx.capture is dropped: it is not state between steps.
         _, _, _, rest = nnx.split(model, nnx.Param, nnx.Intermediate, ...)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
@@ -181,6 +184,14 @@ def _from_storable(stored, like):
 def _host_copy(tree):
     """A numpy copy (never a view of a device buffer that a donated step may overwrite)."""
     return jax.tree.map(lambda x: np.array(x, copy=True), distributed_lib.host_tree(tree))
+
+
+def _best_copy(state: TrainState) -> dict:
+    """Host copy of what the best parameters are evaluated with: their task state and the module's other
+    variables of the same step (an item-version tag must match the parameters it names)."""
+    return _host_copy(
+        {"params": state.params, "rest": _to_storable(state.rest), "task_state": state.task_state}
+    )
 
 
 def _distinct_buffers(tree):
@@ -234,7 +245,8 @@ class Trainer:
     (default: the 1-d ``data`` mesh of ``cfg.num_devices``) may be any N-d mesh with a ``data`` axis
     (``recjax.sharding.mesh.make_nd_mesh``); ``embedding_plan`` places embedding tables row-/table-wise
     (``recjax.sharding.embedding``: its rows' logical axis is mapped onto the plan's mesh axis and the
-    step's lookups go through the all-to-all path)."""
+    step's lookups go through the all-to-all path); ``prefetch`` runs the steps with FreeScale's prioritized
+    lookups of the next batch's rows (``recjax.sharding.prefetch``: identical results)."""
 
     def __init__(
         self,
@@ -247,6 +259,7 @@ class Trainer:
         rules: Mapping[str, str | None] = mesh_lib.DEFAULT_RULES,
         mesh: jax.sharding.Mesh | None = None,
         embedding_plan: embedding_lib.EmbeddingPlan | None = None,
+        prefetch: prefetch_lib.PrefetchConfig | None = None,
     ):
         self.cfg, self.task = cfg, task
         self.workdir = pathlib.Path(workdir)
@@ -256,12 +269,14 @@ class Trainer:
         self._lock.acquire()
         self._locked = True
         try:
-            self._setup(model, task, cfg, optimizer, rules, mesh, embedding_plan)
+            self._setup(model, task, cfg, optimizer, rules, mesh, embedding_plan, prefetch)
         except BaseException:
             self.close()  # a Trainer that failed to build holds no workdir
             raise
 
-    def _setup(self, model, task, cfg, optimizer, rules, mesh=None, embedding_plan=None) -> None:
+    def _setup(
+        self, model, task, cfg, optimizer, rules, mesh=None, embedding_plan=None, prefetch=None
+    ) -> None:
         if cfg.eval_every_epochs and "valid" not in task.splits:
             raise ValueError(
                 f"train.eval_every_epochs={cfg.eval_every_epochs}: the task has no 'valid' split "
@@ -322,9 +337,14 @@ class Trainer:
             out_shardings=(self.state_shardings, repl),
             donate_argnums=(0,) if cfg.donate else (),
         )
+        self.prefetcher = None
+        if prefetch is not None:  # one program per step: this batch's step + the next batch's lookups
+            self.prefetcher = prefetch_lib.Prefetcher(
+                step_fn, self.mesh, embedding_plan, self.state_shardings, prefetch, donate=cfg.donate
+            )
         self.state = state
         self.loop = {k: 0 for k in _LOOP_INT} | {"best_metric": -np.inf, "best_epoch": -1}
-        self.best = _host_copy({"params": params, "task_state": state.task_state})
+        self.best = _best_copy(state)
         self.checkpointer = Checkpointer(self.workdir / workdir_lib.CHECKPOINT_DIR)
         self.resumed_from = None
         if self.checkpointer.has_checkpoints():
@@ -351,10 +371,17 @@ class Trainer:
         return int(self.state.step)
 
     # -- evaluation -------------------------------------------------------------------------------------
-    def eval_model(self, params: Any = None) -> nnx.Module:
-        """The eval-mode module with ``params`` (default: the current parameters)."""
+    def eval_model(self, params: Any = None, rest: Any = None) -> nnx.Module:
+        """The eval-mode module with ``params`` and ``rest`` (default: the current ones)."""
         params = self.state.params if params is None else params
-        return nnx.merge(self.graphdef_eval, params, self.state.rest)
+        return nnx.merge(self.graphdef_eval, params, self.state.rest if rest is None else rest)
+
+    def best_model(self) -> nnx.Module:
+        """The eval-mode module with the best parameters and the variables saved with them."""
+        params = distributed_lib.put(self.best["params"], self.state_shardings.params)
+        rest = _from_storable(self.best["rest"], self.state.rest)
+        rest = distributed_lib.put(rest, self.state_shardings.rest)
+        return self.eval_model(params, rest)
 
     def evaluate(self, split: str, params: Any = None, task_state: Any = None) -> dict[str, float]:
         """The task's metrics on ``split``. Defaults: the current parameters for "valid", the best for
@@ -369,10 +396,9 @@ class Trainer:
             )
         if params is None:
             if split == "test" and self.cfg.eval_every_epochs:
-                params = distributed_lib.put(self.best["params"], self.state_shardings.params)
                 task_state = distributed_lib.put(self.best["task_state"], self.state_shardings.task_state)
-            else:
-                params, task_state = self.state.params, self.state.task_state
+                return self.task.evaluate(self.best_model(), split, task_state)
+            params, task_state = self.state.params, self.state.task_state
         return self.task.evaluate(self.eval_model(params), split, task_state)
 
     # -- training ---------------------------------------------------------------------------------------
@@ -405,7 +431,7 @@ class Trainer:
         params_finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(self.state.params))
         if params_finite and score > lp["best_metric"]:
             lp.update(best_metric=float(score), best_epoch=epoch, since_best=0)
-            self.best = _host_copy({"params": self.state.params, "task_state": self.state.task_state})
+            self.best = _best_copy(self.state)
         else:
             lp["since_best"] += 1
         lp["stopped"] = int(bool(cfg.patience) and lp["since_best"] >= cfg.patience)
@@ -449,10 +475,15 @@ class Trainer:
             )  # fmt: skip
             step = self.loop_step
             pending: tuple[int, dict] | None = None
-            for i, batch in enumerate(task.train_batches(epoch, cfg.seed)):
+            batches = task.train_batches(epoch, cfg.seed)
+            pairs = prefetch_lib.lookahead(batches) if self.prefetcher else ((b, None) for b in batches)
+            for i, (batch, next_batch) in enumerate(pairs):
                 if i < lp["batch"]:  # resuming inside an epoch: skip the batches already trained on
                     continue
-                self.state, metrics = self.train_step(self.state, mesh_lib.shard_batch(batch, self.mesh))
+                if self.prefetcher is not None:
+                    self.state, metrics = self.prefetcher.step(self.state, batch, next_batch)
+                else:
+                    self.state, metrics = self.train_step(self.state, mesh_lib.shard_batch(batch, self.mesh))
                 if pending is not None:  # one step late: the host does not wait for this step
                     self._check_finite(*pending)
                 pending = (step, metrics)  # checked exactly once (below, or at the next step)
@@ -487,7 +518,7 @@ class Trainer:
                 self._save()
             writer.flush()  # a killed run keeps every finished epoch's metrics on disk
         if not cfg.eval_every_epochs:  # copied once, at the end (a resume re-runs this line too)
-            self.best = _host_copy({"params": self.state.params, "task_state": self.state.task_state})
+            self.best = _best_copy(self.state)
         test = self.evaluate("test") if "test" in task.splits else {}
         writer.write(self.loop_step, test, prefix="test/")
         writer.close()

@@ -154,7 +154,7 @@ def test_fm_trains_with_the_trainer_and_hypercast_feeds_an_expert(ml1m_like, tmp
     trainer = Trainer(fm, task, cfg, tmp_path / "fm")
     res = trainer.fit()
     assert np.isfinite(res["test"]["mean/ndcg@10"]) and 0 <= res["test"]["mean/hr@10"] <= 1
-    fm_best = trainer.eval_model(jax.device_put(trainer.best["params"]))
+    fm_best = trainer.best_model()
     # HyperCast: log the FM's TAE for the expert's impressions, version 1
     store = TAEStore(tmp_path / "store", chunk_rows=64)
     store.create_version(1, 16)

@@ -12,17 +12,18 @@ from recjax.data.splits import leave_one_out
 from recjax.data.synthetic import make_synthetic
 from recjax.layers.lime import LinkEmbeddings, xor_pointwise_attention
 from recjax.models.lime import LIME, LimeConfig, LimeNextItemTask, user_feature_matrix, user_feature_sizes
+from recjax.train.item_version import advance_item_versions, next_tag
 from recjax.train.trainer import TrainConfig, Trainer
 
 NUM_ITEMS, MAX_LEN = 60, 12
 
 
-def _model(attention="xor", **kw) -> LIME:
+def _model(attention="xor", seed=0, **kw) -> LIME:
     cfg = LimeConfig(
         num_items=NUM_ITEMS, max_len=MAX_LEN, embed_dim=16, num_links=4, attention=attention, num_layers=2,
         attention_dim=8, linear_dim=8, ffn_hidden_dim=16, dropout=0.0, **kw,
     )  # fmt: skip
-    model = LIME(cfg, rngs=nnx.Rngs(0))
+    model = LIME(cfg, rngs=nnx.Rngs(seed))
     model.eval()
     return model
 
@@ -116,9 +117,14 @@ def test_cached_scores_equal_on_the_fly_and_stale_cache_is_rejected():
     np.testing.assert_allclose(
         np.asarray(every[:, 1:]), np.asarray(model.score(personal, jnp.arange(1, NUM_ITEMS + 1))), rtol=1e-5
     )
-    model.bump_item_version()  # what a training step does
-    with pytest.raises(ValueError, match="cache: built at item version 0, the model is at 1"):
+    tag = int(model.item_version[...])
+    advance_item_versions(model)  # what every training step does
+    with pytest.raises(ValueError, match=rf"cache: built at item version {tag}, the model is at \d+"):
         model.score_cached(personal, cache, cand)
+    # Another model (another seed) at the same number of steps does not accept this model's cache.
+    other = _model(scorer="mlp", seed=1)
+    with pytest.raises(ValueError, match="or it is another model"):
+        other.score_cached(personal, model.build_item_cache(), cand)
     # Inside a jit the caller built, a stale cache cannot raise: every score is NaN (ranked last).
     graphdef, state = nnx.split(model)
     out = jax.jit(lambda s, c: nnx.merge(graphdef, s).score_cached(personal, c, cand))(state, cache)
@@ -153,13 +159,29 @@ def test_trains_through_the_trainer_and_beats_chance(tmp_path):
     features = user_feature_matrix(ds.user_features) if ds.user_features else None
     cfg = LimeConfig(
         num_items=ds.num_items, max_len=20, embed_dim=16, num_links=4, attention_dim=8, linear_dim=8,
-        contextualize=features is not None,
+        dropout=0.0, contextualize=features is not None,
         user_feature_sizes=user_feature_sizes(features) if features is not None else (),
     )  # fmt: skip
-    task = LimeNextItemTask(split, max_len=20, batch_size=64, ks=(10,), user_features=features)
+    task = LimeNextItemTask(
+        split, max_len=20, batch_size=64, ks=(10,), user_features=features, cuts_per_sequence=4
+    )  # 4 cuts compile faster than every position (K = L), tested in test_shared_requests_...; same model
     tcfg = TrainConfig(batch_size=64, num_epochs=3, progress=False, ks=(10,), eval_batch_size=96)
-    results = Trainer(LIME(cfg, rngs=nnx.Rngs(0)), task, tcfg, tmp_path).fit()
+    model = LIME(cfg, rngs=nnx.Rngs(0))
+    tag0 = np.uint32(model.item_version[...])
+    trainer = Trainer(model, task, tcfg, tmp_path)
+    results = trainer.fit()
     # Chance HR@10 is 10 / 80 = 0.125; the synthetic data's structure is learnt within 3 epochs.
     assert results["test"]["hr@10"] > 0.2, results["test"]
+
+    def tag_after(steps):
+        tag = tag0
+        for _ in range(steps):
+            tag = np.uint32(next_tag(jnp.uint32(tag)))
+        return int(tag)
+
+    # The Trainer advanced the tag once per step, and the best parameters keep the tag of their step.
+    assert int(trainer.eval_model().item_version[...]) == tag_after(results["steps"])
+    best_steps = results["steps"] // results["epochs"] * results["best_epoch"]
+    assert int(trainer.best_model().item_version[...]) == tag_after(best_steps)
     with pytest.raises(TypeError, match="LimeNextItemTask trains a LIME model"):
         task.check_model(object())

@@ -69,7 +69,7 @@ def test_trainer_learns_the_scorer_and_reports_head_metrics(tmp_path):
     assert result["test"]["rating_neg_rmse"] > before["rating_neg_rmse"]
     assert result["best_epoch"] >= 1  # validated every epoch on "valid"
     # the reported metrics are the definitions applied to predict()'s output of the best parameters
-    best = trainer.eval_model(jax.device_put(trainer.best["params"], trainer.state_shardings.params))
+    best = trainer.best_model()
     ex = task.eval_sets["test"]
     preds, values = predict(best, ex, batch_size=100)  # a batch size that pads the last batch
     assert preds.shape == (512, 2) and values.shape == (512,)

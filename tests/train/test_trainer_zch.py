@@ -68,7 +68,7 @@ def _check_queries(trainer):
     """Evaluation after the remap: every row that can score a hit has a non-zero query (a zero query ties
     every item at rank 1), and a sequence ending in an unknown ID gives the query of the same sequence
     without it (re-left-padded), as SASRec/HSTU read the last position."""
-    graphdef, state = nnx.split(trainer.eval_model(trainer.best["params"]))
+    graphdef, state = nnx.split(trainer.best_model())
     remap_state = trainer.best["task_state"]["remap"]
     eval_remap = trainer.task._eval_remap
 
