@@ -109,9 +109,11 @@ class RatingRankingTask(Task):
             eval_batch_size,
         )
         self.num_candidates, self.requests_per_user = num_candidates, requests_per_user
-        if early_stop_metric not in self.metric_names():
+        higher_is_better = [m for m in self.metric_names() if m != "ne"]  # the Trainer maximises it
+        if early_stop_metric not in higher_is_better:
             raise ValueError(
-                f"early_stop_metric: expected one of {list(self.metric_names())}, got {early_stop_metric!r}"
+                f"early_stop_metric: expected one of {higher_is_better} (the Trainer keeps the highest; NE "
+                f"is lower-is-better), got {early_stop_metric!r}"
             )
         self.early_stop_metric = early_stop_metric
         if user_features is not None:
@@ -127,6 +129,12 @@ class RatingRankingTask(Task):
         if not hasattr(model, "candidate_logits"):
             raise TypeError(
                 f"model: a ranker with candidate_logits(...) expected, got {type(model).__name__}"
+            )
+        num_items = getattr(getattr(model, "config", None), "num_items", None)
+        if num_items is not None and num_items != self.split.dataset.num_items:
+            raise ValueError(
+                f"model.config.num_items: expected the dataset's {self.split.dataset.num_items} items, got "
+                f"{num_items}"
             )
 
     def _with_features(self, requests: dict) -> dict:

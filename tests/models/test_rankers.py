@@ -96,3 +96,15 @@ def test_rankers_learn_the_labels_through_the_trainer(name, tmp_path):
     with pytest.raises(TypeError, match="candidate_logits"):
         task.check_model(object())
     jax.clear_caches()
+
+
+def test_rating_task_refuses_ne_for_early_stopping_and_a_model_of_another_catalogue():
+    split = rating_split(_rated(), holdout=4)
+    with pytest.raises(ValueError, match="early_stop_metric: expected one of \\['auc', 'gauc'\\]"):
+        RatingRankingTask(split, max_len=24, batch_size=64, early_stop_metric="ne")
+    task = RatingRankingTask(split, max_len=24, batch_size=64)
+    wrong = HSTURanker(
+        HSTUConfig(num_items=split.dataset.num_items + 1, max_len=24, embed_dim=8), rngs=nnx.Rngs(0)
+    )
+    with pytest.raises(ValueError, match="model.config.num_items: expected the dataset's"):
+        task.check_model(wrong)
