@@ -107,7 +107,8 @@ def mfli_model(**overrides) -> ml_collections.ConfigDict:
         "codebook_size": 64,
         "commitment_weight": 0.25,
         "start_step": 0,  # delayed start: no quantizer (and no quantized loss) before this step
-        "level_schedule": (),  # step at which each level activates; () = all at start_step
+        "level_schedule": (),  # step at which each level activates; () = by level_interval
+        "level_interval": 0,  # no schedule: level l activates at start_step + l * level_interval
         "usage_penalty": 0.1,
         "usage_decay": 0.99,
         "facet_projection": True,

@@ -11,7 +11,7 @@ from experiments.configs import base
 
 
 def get_config():
-    model = base.mfli_model(start_step=80, level_schedule=(80, 160), codebook_size=32)
+    model = base.mfli_model(start_step=80, level_interval=80, codebook_size=32)
     config = base.experiment(
         base.data_config("ml-100k"), model, base.train_config(num_epochs=201, patience=20)
     )

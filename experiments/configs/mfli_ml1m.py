@@ -7,8 +7,8 @@ delayed start at step 500 (~10 epochs of 48 steps; k-means of level 0 there), le
 usage penalty 0.1.
 
 Command: python -m experiments.run --config=experiments/configs/mfli_ml1m.py
-  HSTU tower: --config.model.encoder=hstu; no delayed start: --config.model.start_step=0
-  --config.model.level_schedule="(0, 0)"; 1 facet: --config.model.num_facets=1.
+  HSTU tower: --config.model.encoder=hstu; no delayed start, all levels at once: --config.model.start_step=0
+  --config.model.level_interval=0; 1 facet: --config.model.num_facets=1; levels: --config.model.num_levels=3.
 Reached: not run yet (see docs/MFLI.md, "Status").
 """
 
@@ -16,7 +16,7 @@ from experiments.configs import base
 
 
 def get_config():
-    model = base.mfli_model(start_step=500, level_schedule=(500, 1000))
+    model = base.mfli_model(start_step=500, level_interval=500)
     config = base.experiment(base.data_config("ml-1m"), model, base.train_config(num_epochs=101, patience=20))
     config.task = base.mfli_task()
     return config

@@ -18,7 +18,7 @@ def get_config():
         num_levels=2,
         codebook_size=8,
         start_step=16,
-        level_schedule=(16, 32),
+        level_interval=16,
         kmeans_iterations=5,
     )
     config.task = base.mfli_task(label_weights={"any_rating": 1.0, "rating_ge_4": 0.5})

@@ -26,8 +26,9 @@ Training forward (:meth:`ResidualQuantizer.__call__`):
   distances of the level's residual to its codewords, tau = ``usage_temperature``). It is 0 at uniform
   usage and grows with the excess mass on over-used codes; its gradient moves items and codewords so that
   less mass lands on those codes (the hard argmin itself has no gradient).
-- delayed start and progressive levels: level l becomes active at step ``level_schedule[l]`` (default: all
-  at ``start_step``; ``level_schedule[0] == start_step``). Before ``start_step`` nothing is active: the
+- delayed start and progressive levels: level l becomes active at step ``level_schedule[l]``
+  (``level_schedule[0] == start_step``), or, with no schedule, at ``start_step + l * level_interval``
+  (default interval 0: every level at the start). Before ``start_step`` nothing is active: the
   quantized vectors and every quantizer loss are zero (the model's loss then uses raw embeddings only).
 - k-means initialization: the step at which level l activates first replaces ``C[:, l]`` by a k-means of
   the level's residuals ``r_l`` (computed with the levels before it as trained so far), per facet:
@@ -68,7 +69,8 @@ class ResidualQuantizerConfig:
     codebook_size: int = 64
     commitment_weight: float = 0.25
     start_step: int = 0
-    level_schedule: tuple[int, ...] = ()  # step at which each level activates; () = all at start_step
+    level_schedule: tuple[int, ...] = ()  # step at which each level activates; () = by level_interval
+    level_interval: int = 0  # without a schedule, level l activates at start_step + l * level_interval
     usage_penalty: float = 0.0
     usage_decay: float = 0.99
     usage_temperature: float = 1.0
@@ -88,7 +90,13 @@ class ResidualQuantizerConfig:
                 f"quantizer.kmeans_sample: expected >= codebook_size={self.codebook_size}, got "
                 f"{self.kmeans_sample}"
             )
-        for name in ("commitment_weight", "usage_penalty", "start_step", "kmeans_iterations"):
+        for name in (
+            "commitment_weight",
+            "usage_penalty",
+            "start_step",
+            "level_interval",
+            "kmeans_iterations",
+        ):
             validation.check_positive(f"quantizer.{name}", getattr(self, name), allow_zero=True)
         if not 0.0 <= self.usage_decay < 1.0:
             raise ValueError(f"quantizer.usage_decay: expected a value in [0, 1), got {self.usage_decay}")
@@ -111,7 +119,9 @@ class ResidualQuantizerConfig:
     @property
     def level_steps(self) -> tuple[int, ...]:
         """The step at which each level activates."""
-        return tuple(int(s) for s in self.level_schedule) or (self.start_step,) * self.num_levels
+        if self.level_schedule:
+            return tuple(int(s) for s in self.level_schedule)
+        return tuple(self.start_step + level * self.level_interval for level in range(self.num_levels))
 
     def active_levels(self, step) -> jax.Array:
         """Number of active levels at ``step`` (int32; 0 before ``start_step``)."""

@@ -63,6 +63,7 @@ LABEL_TYPES = ("next_item", "any_rating", "rating_ge_4")
 _RATED_LABELS = ("any_rating", "rating_ge_4")
 _QUANTIZER_FIELDS = (
     "num_facets", "num_levels", "codebook_size", "commitment_weight", "start_step", "level_schedule",
+    "level_interval",
     "usage_penalty", "usage_decay", "usage_temperature", "facet_projection", "projection_noise",
     "kmeans_iterations", "kmeans_sample",
 )  # fmt: skip
@@ -90,6 +91,7 @@ class MFLIConfig:
     commitment_weight: float = 0.25
     start_step: int = 0
     level_schedule: tuple[int, ...] = ()
+    level_interval: int = 0
     usage_penalty: float = 0.1
     usage_decay: float = 0.99
     usage_temperature: float = 1.0

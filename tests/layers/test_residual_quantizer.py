@@ -130,6 +130,12 @@ def test_delayed_start_and_progressive_levels():
         else:
             assert float(out.loss) > 0.0
     assert active == [0, 0, 1, 1, 3, 3]
+    interval = rq.ResidualQuantizerConfig(dim=4, num_levels=3, start_step=2, level_interval=4)
+    assert interval.level_steps == (2, 6, 10) and [int(interval.active_levels(s)) for s in (1, 6, 9)] == [
+        0,
+        2,
+        2,
+    ]
 
 
 def test_usage_penalty_grows_with_over_use():
