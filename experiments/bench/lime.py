@@ -74,7 +74,7 @@ def flops(model: str, g: Grid, L: int, C: int) -> float:
         per_layer = R * proj + L * 2 * D * 2 * D + 2 * (2 * R * L * D)
         return B * (n * per_layer + C * 2 * R * D + C * 2 * D)
     if model == "hstu_target":
-        per_layer = (L + C) * proj + 2 * (2 * L * L * D) / 2 + 2 * (2 * C * L * D)
+        per_layer = (L + C) * proj + 2 * (2 * L * L * D) + 2 * (2 * C * L * D)  # dense L x L as executed
         return B * (n * per_layer + C * 2 * D)
     T = L + C
     return B * (n * (T * proj + 2 * (2 * T * T * D)) + C * 2 * D)
