@@ -4,12 +4,18 @@ section is optional; a config without them trains on the Trainer's default 1-d d
 tables and max_len-padded batches, as before.
 
     config.mesh = {"data": 0, "model": 1, "expert": 1}  # MeshConfig sizes (data 0: what is left)
-    config.embeddings = {"axis": "model", "tables": {"items": "row"}, "owners": {}}
+    config.embeddings = {"axis": "model", "tables": {"items": "row"}, "owners": {}, "sparse_updates": False,
+                         "prefetch": False, "prefetch_capacity": 0.25}
     config.data.length_buckets = {"enabled": True, "min_width": 16}
     config.data.balance = {"mode": "zigzag", "alpha": 1.0}  # recjax.data.balancing.MODES
 
 ``embeddings.tables`` maps a table name (``"items"``: the item table of SASRec / HSTU) to ``"row"``,
 ``"table"`` or ``"replicated"``; ``owners`` gives the ``axis`` rank serving a ``"table"``-placed table.
+``embeddings.sparse_updates``: the tables' optimizer updates are row-sparse (``prefetch.lazy_rows``: rows
+without gradient keep their values and moments, as TorchRec's fused embedding updates);
+``embeddings.prefetch``: FreeScale's prioritized lookups of the next batch's rows
+(``recjax/sharding/prefetch.py``; identical results; they save critical-path lookups only with
+``sparse_updates``), ``prefetch_capacity``: its critical-path slots, a fraction of the batch's ids.
 The mesh takes ``train.num_devices`` devices (0: all). Balancing deals each step's rows over the mesh's
 ``data`` devices.
 """
@@ -22,7 +28,9 @@ from typing import Any
 import ml_collections
 
 MESH_KEYS = ("data", "model", "expert")
-EMBEDDING_KEYS = ("axis", "tables", "owners")
+EMBEDDING_KEYS = ("axis", "tables", "owners", "sparse_updates", "prefetch", "prefetch_capacity")
+# Where each table named in embeddings.tables lives in the parameters (SASRec / HSTU's item table).
+TABLE_PARAMS = {"items": ("embedding", "items")}
 BUCKET_KEYS = ("enabled", "min_width")
 BALANCE_KEYS = ("mode", "alpha")
 
@@ -71,6 +79,46 @@ def _plan(config):
     return embedding_lib.EmbeddingPlan(placements, axis)
 
 
+def _prefetch_settings(config) -> tuple[bool, Any]:
+    """(sparse updates, PrefetchConfig or None) of the embeddings section."""
+    from recjax.sharding import prefetch as prefetch_lib
+
+    section = _section(config, "embeddings", EMBEDDING_KEYS) or {}
+    sparse, prefetch = bool(section.get("sparse_updates", False)), bool(section.get("prefetch", False))
+    tables = list((section.get("tables") or {}).keys())
+    unknown = sorted(set(tables) - set(TABLE_PARAMS)) if (sparse or prefetch) else []
+    if unknown:
+        raise ValueError(
+            f"embeddings.tables: {unknown} have no known parameter path for sparse_updates / prefetch "
+            f"(known: {sorted(TABLE_PARAMS)})"
+        )
+    if prefetch and len(tables) != 1:
+        raise ValueError(f"embeddings.prefetch: expected exactly one table, got {tables}")
+    cfg = None
+    if prefetch:
+        capacity = float(section.get("prefetch_capacity", 0.25))
+        cfg = prefetch_lib.PrefetchConfig(
+            table=tables[0], param_path=TABLE_PARAMS[tables[0]], capacity=capacity
+        )
+    return sparse, cfg
+
+
+def trainer_options(config: ml_collections.ConfigDict, tcfg: Any) -> dict[str, Any]:
+    """The Trainer's ``optimizer`` (row-sparse on the tables with ``embeddings.sparse_updates``) and
+    ``prefetch`` keyword arguments; empty without those settings."""
+    from recjax.sharding import prefetch as prefetch_lib
+    from recjax.train.trainer import make_optimizer
+
+    sparse, prefetch = _prefetch_settings(config)
+    out: dict[str, Any] = {}
+    if sparse:
+        tables = (_section(config, "embeddings", EMBEDDING_KEYS) or {}).get("tables") or {}
+        out["optimizer"] = prefetch_lib.lazy_rows(make_optimizer(tcfg), [TABLE_PARAMS[t] for t in tables])
+    if prefetch is not None:
+        out["prefetch"] = prefetch
+    return out
+
+
 def _buckets(config) -> tuple[bool, int]:
     section = _section(config, "data.length_buckets", BUCKET_KEYS) or {}
     enabled, min_width = bool(section.get("enabled", False)), int(section.get("min_width", 8))
@@ -95,6 +143,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     """Validates the sections (no devices needed): a bad value raises naming the field."""
     _mesh_config(config, int(config.train.get("num_devices", 0)))
     _plan(config)
+    _prefetch_settings(config)
     _buckets(config)
     _balance(config)
 

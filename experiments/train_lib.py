@@ -165,7 +165,8 @@ def run_experiment(
             task = TASK_BUILDERS[model_name](split, tcfg, config, batch_iter)
         else:
             task = NextItemTask.from_config(split, tcfg, max_len=config.data.max_len, batch_iter=batch_iter)
-        results = Trainer(model, task, tcfg, workdir, mesh=mesh, embedding_plan=plan).fit()
+        options = parallel.trainer_options(config, tcfg)  # row-sparse table updates, prioritized lookups
+        results = Trainer(model, task, tcfg, workdir, mesh=mesh, embedding_plan=plan, **options).fit()
         from recjax.data import batching
 
         test_batches = batching.batches(task.examples["test"], tcfg.eval_batch_size)

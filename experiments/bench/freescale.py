@@ -5,12 +5,19 @@ on/off. Prints markdown tables (for benchmarks/RESULTS.md).
   python -m experiments.bench.freescale --part=balance            # CPU: max/mean per device, ML-1M
   python -m experiments.bench.freescale --part=throughput --devices=1,2 --balance=none,zigzag --prefetch=0,1
   python -m experiments.bench.freescale --part=straggler --devices=2 --balance=none,zigzag,variable
+  python -m experiments.bench.freescale --part=throughput --devices=2 --lookups=sync,prioritized --sparse=1 \
+      --lhs=0,1                                                    # prioritized lookups x latency hiding
   python -m experiments.bench.freescale --small                   # every part, tiny synthetic, CPU
 
 throughput: steps of the Trainer's jitted step (HSTU, ``freescale.table_rows`` item rows row-sharded over
 the ``data`` axis with the all-to-all lookups, length buckets, balancing), sequences/s and tokens/s over
 ``freescale.steps`` steps after 5 warm-up steps. Prefetch: the next batch is put on the devices while the
-current step runs (a one-batch device queue); off: put right before its step.
+current step runs (a one-batch device queue); off: put right before its step. Lookups: ``sync`` (the
+plain step) or ``prioritized`` (recjax/sharding/prefetch.py: the next batch's rows looked up during the
+step, collision rows after the update; columns: mean collision fraction, fraction of steps that fell back to
+the full lookup). ``--sparse=1``: the item table's Adam is row-sparse (``prefetch.lazy_rows``; with dense
+Adam almost every id collides). ``--lhs=0,1``: XLA's latency-hiding scheduler off / on (GPU flags,
+docs/FREESCALE.md), each value in its own process (XLA reads its flags once).
 
 straggler: under one SPMD program every device runs the same padded shape, so imbalance only costs where
 compute follows each device's own data. This part measures that case: each device's rows of a step, cut to
@@ -22,7 +29,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -37,8 +47,16 @@ from recjax.data.splits import leave_one_out
 from recjax.models.registry import build_model
 from recjax.sharding import embedding as embedding_lib
 from recjax.sharding import mesh as mesh_lib
+from recjax.sharding import prefetch as prefetch_lib
 from recjax.train.tasks import NextItemTask, next_item_loss
-from recjax.train.trainer import TrainConfig, Trainer
+from recjax.train.trainer import TrainConfig, Trainer, make_optimizer
+
+# XLA_FLAGS of --lhs (GPU; recognised and ignored on CPU): the latency-hiding scheduler overlaps the
+# all-to-alls with compute, the high-priority stream keeps collectives from queueing behind compute kernels.
+LHS_FLAGS = {
+    "0": "--xla_gpu_enable_latency_hiding_scheduler=false",
+    "1": "--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_highest_priority_async_stream=true",
+}
 
 
 class LargeTableTask(NextItemTask):
@@ -61,6 +79,7 @@ def _settings(small: bool) -> dict[str, Any]:
     fs = dict(cfg.freescale)
     fs["max_len"], fs["model"] = cfg.data.max_len, dict(cfg.model)
     fs.update(placement=cfg.embeddings.tables["items"], plan_axis=cfg.embeddings.axis,
+              capacity=cfg.embeddings.prefetch_capacity,
               alpha=cfg.data.balance.alpha, min_width=cfg.data.length_buckets.min_width)  # fmt: skip
     if small:
         fs.update(table_rows=1024, per_device_batch=8, steps=4, max_len=32)
@@ -98,34 +117,47 @@ def _batch_iter(fs, d: int, mode: str):
     return balancing.balanced(it, d, mode, fs["alpha"]) if mode != "none" else it
 
 
-def throughput(split, fs, d: int, mode: str, prefetch: bool, workdir: str) -> dict[str, float]:
+def throughput(
+    split, fs, d: int, mode: str, prefetch: bool, workdir: str, lookups: str = "sync", sparse: bool = False
+) -> dict[str, float]:
     mesh = mesh_lib.make_nd_mesh(mesh_lib.MeshConfig(data=d, num_devices=d))
     rows = fs["table_rows"] - fs["table_rows"] % d
     plan = embedding_lib.EmbeddingPlan.from_config({"items": fs["placement"]}, axis=fs["plan_axis"])
     cfg = TrainConfig(batch_size=fs["per_device_batch"] * d, num_epochs=1, eval_every_epochs=0,
                       progress=False, ks=(10,), checkpoint_every_epochs=0, num_devices=d)  # fmt: skip
     task = LargeTableTask.from_config(split, cfg, max_len=fs["max_len"], batch_iter=_batch_iter(fs, d, mode))
-    trainer = Trainer(_model(fs, rows), task, cfg, workdir, mesh=mesh, embedding_plan=plan)
-    state, n_seq, n_tok, t0 = trainer.state, 0, 0, None
+    opt = prefetch_lib.lazy_rows(make_optimizer(cfg), [("embedding", "items")]) if sparse else None
+    pf_cfg = prefetch_lib.PrefetchConfig(capacity=fs["capacity"]) if lookups == "prioritized" else None
+    trainer = Trainer(_model(fs, rows), task, cfg, workdir, optimizer=opt, mesh=mesh, embedding_plan=plan,
+                      prefetch=pf_cfg)  # fmt: skip
+    state, n_seq, n_tok, t0, stats = trainer.state, 0, 0, None, []
     it = (b for _ in range(100) for b in task.train_batches(0, 0))
-    queued = mesh_lib.shard_batch(next(it), mesh) if prefetch else None
+    # one batch ahead: the input queue (prefetch) and the prioritized lookups both need the next batch
+    nxt = next(it)
+    queued = mesh_lib.shard_batch(nxt, mesh) if prefetch else None
     for i in range(fs["steps"] + 5):
         if i == 5:
             jax.block_until_ready(state)
             t0 = time.perf_counter()
-        host = next(it)
+        host, nxt = nxt, next(it)
         if prefetch:  # the next batch is transferred while this step runs
-            cur, queued = queued, mesh_lib.shard_batch(host, mesh)
+            cur, queued = queued, mesh_lib.shard_batch(nxt, mesh)
         else:
             cur = mesh_lib.shard_batch(host, mesh)
-        state, _ = trainer.train_step(state, cur)
+        if trainer.prefetcher is not None:
+            state, m = trainer.prefetcher.step(state, host, nxt, device_batch=cur)
+            stats.append((m["prefetch/collision_fraction"], m["prefetch/fallback"]))
+        else:
+            state, _ = trainer.train_step(state, cur)
         if i >= 5:
             n_seq += int(host["mask"].any(axis=1).sum())
             n_tok += int(host["mask"].sum())
     jax.block_until_ready(state)
     dt = time.perf_counter() - t0
     trainer.close()
-    return {"seq_per_s": n_seq / dt, "tok_per_s": n_tok / dt, "ms_per_step": 1e3 * dt / fs["steps"]}
+    coll = np.asarray(jax.device_get(stats)).mean(axis=0) if stats else (np.nan, np.nan)
+    return {"seq_per_s": n_seq / dt, "tok_per_s": n_tok / dt, "ms_per_step": 1e3 * dt / fs["steps"],
+            "collision": float(coll[0]), "fallback": float(coll[1])}  # fmt: skip
 
 
 def straggler(split, fs, d: int, mode: str) -> dict[str, float]:
@@ -162,28 +194,47 @@ def main(argv=None) -> None:
     p.add_argument("--devices", default="1,2")
     p.add_argument("--balance", default="none,zigzag")
     p.add_argument("--prefetch", default="0,1")
+    p.add_argument("--lookups", default="sync", help="sync,prioritized (recjax/sharding/prefetch.py)")
+    p.add_argument("--sparse", default="0", help="0,1: row-sparse Adam on the item table")
+    p.add_argument("--capacity", type=float, default=None, help="prioritized: critical-path slots / ids")
+    p.add_argument("--lhs", default="", help="0,1: latency-hiding scheduler off/on (GPU), one process each")
     p.add_argument("--workdir", default="/tmp/freescale_bench")
     p.add_argument("--small", action="store_true", help="tiny synthetic data (CPU check)")
     a = p.parse_args(argv)
-    if a.small:  # two simulated CPU devices (read when the backend starts, i.e. below)
-        os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    if "," in a.lhs:  # XLA reads its flags once per process: one child process per value
+        for v in a.lhs.split(","):
+            args = [x for x in (sys.argv[1:] if argv is None else argv) if not x.startswith("--lhs")]
+            cmd = [sys.executable, "-m", "experiments.bench.freescale", *args, f"--lhs={v}"]
+            subprocess.run(cmd, check=True)
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if a.small and "device_count" not in flags:  # two simulated CPU devices (read when the backend starts)
+        os.environ["XLA_FLAGS"] = flags = f"{flags} --xla_force_host_platform_device_count=2".strip()
+    if a.lhs:
+        if a.lhs not in LHS_FLAGS:
+            raise SystemExit(f"--lhs: expected 0 or 1, got {a.lhs!r}")
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {LHS_FLAGS[a.lhs]}".strip()
     split, fs = _split(a.small), _settings(a.small)
+    fs["capacity"] = a.capacity or fs["capacity"]
     devices = [int(x) for x in a.devices.split(",")]
     modes = a.balance.split(",")
-    print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
+    kind = jax.devices()[0].device_kind
+    print(f"jax {jax.__version__}, {jax.device_count()} x {kind}, lhs={a.lhs or 'default'}")
     if a.part in ("all", "balance"):
         print("\n".join(balance_table(split, fs, devices=(2, 8) if not a.small else (2,))))
     if a.part in ("all", "throughput"):
-        print("| devices | balance | prefetch | seq/s | tokens/s | ms/step |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        for d in devices:
-            for mode in modes:
-                for pf in (int(x) for x in a.prefetch.split(",")):
-                    r = throughput(
-                        split, fs, d, mode, bool(pf), f"{a.workdir}/{d}_{mode}_{pf}_{time.time_ns()}"
-                    )
-                    print(f"| {d} | {mode} | {pf} | {r['seq_per_s']:.0f} | {r['tok_per_s']:.0f} | "
-                          f"{r['ms_per_step']:.2f} |", flush=True)  # fmt: skip
+        cols = ["devices", "balance", "prefetch", "lookups", "sparse", "lhs", "seq/s", "tokens/s", "ms/step",
+                "collision", "fallback"]  # fmt: skip
+        print("| " + " | ".join(cols) + " |\n" + "| --- " * len(cols) + "|")
+        grid = itertools.product(
+            devices, modes, a.prefetch.split(","), a.lookups.split(","), a.sparse.split(",")
+        )
+        for d, mode, pf, lk, sp in grid:
+            wd = f"{a.workdir}/{d}_{mode}_{pf}_{lk}_{sp}_{time.time_ns()}"
+            r = throughput(split, fs, d, mode, pf == "1", wd, lookups=lk, sparse=sp == "1")
+            cells = [d, mode, pf, lk, sp, a.lhs or "-", f"{r['seq_per_s']:.0f}", f"{r['tok_per_s']:.0f}",
+                     f"{r['ms_per_step']:.2f}", f"{r['collision']:.3f}", f"{r['fallback']:.2f}"]  # fmt: skip
+            print("| " + " | ".join(map(str, cells)) + " |", flush=True)
     if a.part in ("all", "straggler"):
         print("| devices | balance | straggler idle fraction |\n| --- | --- | --- |")
         for d in [x for x in devices if x > 1]:

@@ -26,9 +26,12 @@ def get_config():
     config.mesh = ml_collections.ConfigDict({"data": 0, "model": 1, "expert": 1})  # all devices on data
     # rows over the data axis: every GPU a data shard and a row block (TorchRec's layout); "table" /
     # "replicated" are the other placements (recjax.sharding.embedding.PLACEMENTS)
+    # sparse_updates: row-sparse Adam on the table (rows without gradient untouched); prefetch: FreeScale's
+    # prioritized lookups (identical results; saves critical-path lookups only with sparse updates)
     config.embeddings = ml_collections.ConfigDict(
-        {"axis": "data", "tables": {"items": "row"}, "owners": {"items": 0}}
-    )
+        {"axis": "data", "tables": {"items": "row"}, "owners": {"items": 0}, "sparse_updates": False,
+         "prefetch": False, "prefetch_capacity": 0.25}
+    )  # fmt: skip
     config.data.length_buckets = ml_collections.ConfigDict({"enabled": True, "min_width": 16})
     # "none", "zigzag", "variable" (recjax.data.balancing.MODES); alpha: L^alpha weights of "variable"
     config.data.balance = ml_collections.ConfigDict({"mode": "zigzag", "alpha": 1.0})

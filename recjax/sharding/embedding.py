@@ -121,8 +121,41 @@ def with_plan(fn: Callable, mesh: jax.sharding.Mesh, plan: EmbeddingPlan) -> Cal
     return wrapped
 
 
+# Set by recjax.sharding.prefetch while it traces a step: [name, ids shape, rows looked up ahead, ids seen];
+# the model's first lookup of ``name`` with ids of that shape returns those rows (gradients reach the table).
+PREFETCHED: contextvars.ContextVar[list | None] = contextvars.ContextVar("recjax_prefetched", default=None)
+
+
 def lookup(table_NxD: jax.Array, ids: jax.Array, name: str = "items") -> jax.Array:
     """``table_NxD[ids]`` (shape ``ids.shape + (D,)``) through the active plan's placement of ``name``."""
+    pre = PREFETCHED.get()
+    if pre is not None and pre[0] == name and pre[1] == ids.shape and not pre[3]:
+        pre[3].append(ids)  # the prefetcher checks these are the ids it looked up ahead
+        return _rows_with_gather_grad(table_NxD, ids, pre[2], name)
+    return gather(table_NxD, ids, name)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _rows_with_gather_grad(table_NxD: jax.Array, ids: jax.Array, rows: jax.Array, name: str) -> jax.Array:
+    """``rows`` (equal to ``table_NxD[ids]``, looked up ahead) with the gather's gradient to the table."""
+    return rows
+
+
+def _rows_fwd(table_NxD, ids, rows, name):
+    return rows, (table_NxD, ids)
+
+
+def _rows_bwd(name, res, g):
+    table_NxD, ids = res
+    (d_table,) = jax.linear_transpose(lambda t: gather(t, ids, name), table_NxD)(g)
+    return d_table, None, None
+
+
+_rows_with_gather_grad.defvjp(_rows_fwd, _rows_bwd)
+
+
+def gather(table_NxD: jax.Array, ids: jax.Array, name: str = "items") -> jax.Array:
+    """:func:`lookup` without a prefetched result: the active plan's lookup of ``name``."""
     active = _ACTIVE.get()
     placement = active[1].get(name) if active is not None else None
     if placement is None or placement.placement == "replicated":

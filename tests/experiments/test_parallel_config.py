@@ -1,7 +1,7 @@
 """experiments.run's mesh / embedding-plan / length-bucket / balance sections (experiments/parallel.py): a
-tiny SASRec trained on a 4 x 2 data x model mesh with a row-sharded table, length buckets and zig-zag
-balancing reaches the test metrics of the plain 1-device run (same samples per step, uniform negatives,
-no dropout); bad sections are refused before the data loads, naming the field."""
+tiny SASRec trained on a 4 x 2 data x model mesh with a row-sharded table, prioritized lookups, length
+buckets and zig-zag balancing reaches the test metrics of the plain 1-device run (same samples per step,
+uniform negatives, no dropout); bad sections are refused before the data loads, naming the field."""
 
 import ml_collections
 import numpy as np
@@ -26,7 +26,8 @@ def _config(**sections):
 
 SHARDED = {
     "mesh": {"data": 4, "model": 2, "expert": 1},
-    "embeddings": {"axis": "model", "tables": {"items": "row"}, "owners": {"items": 0}},
+    # prefetch: prioritized lookups, exact, so the metrics still equal the plain run's (dense AdamW)
+    "embeddings": {"axis": "model", "tables": {"items": "row"}, "owners": {"items": 0}, "prefetch": True},
     "data.length_buckets": {"enabled": True, "min_width": 8},
     "data.balance": {"mode": "zigzag", "alpha": 1.0},
 }
@@ -40,6 +41,8 @@ def test_sections_train_to_the_plain_runs_metrics(tmp_path):
     mesh, plan, _ = parallel.setup(cfg, lambda *a, **k: iter(()))
     assert dict(mesh.shape) == {"data": 4, "model": 2, "expert": 1}
     assert plan.get("items").placement == "row" and plan.axis == "model"
+    options = parallel.trainer_options(cfg, None)
+    assert set(options) == {"prefetch"} and options["prefetch"].param_path == ("embedding", "items")
     got = run_experiment(cfg, tmp_path / "sharded")
     assert got["devices"].startswith("4 x") and ref["devices"].startswith("1 x")
     print(ref["test"], got["test"])
@@ -56,6 +59,12 @@ def test_sections_train_to_the_plain_runs_metrics(tmp_path):
         ("embeddings", {"axis": "model", "tables": {"items": "rows"}}, r"tables\['items'\].placement"),
         ("embeddings", {"axis": "rows", "tables": {"items": "row"}}, "embeddings.axis"),
         ("embeddings", {"tables": {"items": "table"}, "owners": {"user": 1}}, "embeddings.owners"),
+        (
+            "embeddings",
+            {"tables": {"items": "row"}, "prefetch": True, "prefetch_capacity": 0.0},
+            "prefetch.capacity",
+        ),
+        ("embeddings", {"tables": {"users": "row"}, "sparse_updates": True}, "embeddings.tables"),
         ("data.balance", {"mode": "zig"}, "data.balance.mode"),
         ("data.balance", {"mode": "variable", "alpha": 0.0}, "data.balance.alpha"),
         ("data.length_buckets", {"enabled": True, "min_width": 0}, "data.length_buckets.min_width"),
@@ -72,3 +81,11 @@ def test_freescale_config_validates():
     cfg = freescale_hstu_ml1m.get_config()
     overrides.validate(cfg)
     assert parallel._plan(cfg).get("items").placement == "row"
+    cfg.embeddings.sparse_updates = True
+    assert set(parallel.trainer_options(cfg, parallel_train_config(cfg))) == {"optimizer"}
+
+
+def parallel_train_config(cfg):
+    from experiments.train_lib import train_config
+
+    return train_config(cfg.train)

@@ -61,6 +61,20 @@ def test_row_sharded_meshes_match_one_device(tmp_path, model_name="sasrec"):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=f"{data}x{model}")
 
 
+def test_table_placed_table_matches_one_device(tmp_path):
+    """placement="table": every lookup served by model rank ``owner`` (storage replicated)."""
+    split = _split(num_items=63)
+    _, ref_state, ref_losses = _run(tmp_path / "one", split, None, None)
+    mesh = mesh_lib.make_nd_mesh(mesh_lib.MeshConfig(data=2, model=4))
+    plan = E.EmbeddingPlan((E.TablePlacement("items", "table", owner=3),))
+    trainer, state, losses = _run(tmp_path / "table", split, mesh, plan)
+    assert trainer.state_shardings.params["embedding"]["items"].spec == jax.sharding.PartitionSpec(None, None)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    got, ref = jax.device_get(state.params), jax.device_get(ref_state.params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_a_table_four_times_one_devices_share_trains(tmp_path):
     """Budget: one device may hold 1/4 of the table (+ its moments); on model=8 each holds 1/8."""
     split = _split(num_items=4095)  # 4096 rows
