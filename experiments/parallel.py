@@ -16,8 +16,9 @@ without gradient keep their values and moments, as TorchRec's fused embedding up
 ``embeddings.prefetch``: FreeScale's prioritized lookups of the next batch's rows
 (``recjax/sharding/prefetch.py``; identical results; they save critical-path lookups only with
 ``sparse_updates``), ``prefetch_capacity``: its critical-path slots, a fraction of the batch's ids.
-The mesh takes ``train.num_devices`` devices (0: all). Balancing deals each step's rows over the mesh's
-``data`` devices.
+A MoE feed-forward (``model.ffn="moe"``) runs expert-parallel over ``mesh.expert`` when it is > 1
+(:func:`model_options`). The mesh takes ``train.num_devices`` devices (0: all). Balancing deals each
+step's rows over the mesh's ``data`` devices.
 """
 
 from __future__ import annotations
@@ -117,6 +118,16 @@ def trainer_options(config: ml_collections.ConfigDict, tcfg: Any) -> dict[str, A
     if prefetch is not None:
         out["prefetch"] = prefetch
     return out
+
+
+def model_options(mesh: Any, model_cfg: dict) -> dict:
+    """``model_cfg`` with a MoE feed-forward (``ffn="moe"``) made expert-parallel over the mesh's
+    ``expert`` axis when it has more than one device: ``ffn_options`` gain the mesh (the experts' weights
+    are placed over that axis by the ``expert`` logical-axis rule, ``recjax.sharding.mesh.DEFAULT_RULES``)."""
+    if mesh is None or mesh.shape.get("expert", 1) == 1 or model_cfg.get("ffn") != "moe":
+        return model_cfg
+    options = dict(model_cfg.get("ffn_options") or {})
+    return {**model_cfg, "ffn_options": {**options, "mesh": mesh, "expert_axis": "expert"}}
 
 
 def _buckets(config) -> tuple[bool, int]:

@@ -159,7 +159,7 @@ def run_experiment(
             dataset.num_items,
             max_len=config.data.max_len,
             rngs=nnx.Rngs(params=tcfg.seed, dropout=tcfg.seed + 1),
-            **model_overrides(model_name, model_cfg, dataset),
+            **parallel.model_options(mesh, model_overrides(model_name, model_cfg, dataset)),
         )
         if model_name in TASK_BUILDERS:
             task = TASK_BUILDERS[model_name](split, tcfg, config, batch_iter)

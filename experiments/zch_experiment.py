@@ -52,6 +52,8 @@ from recjax.data.splits import leave_one_out
 from recjax.data.types import SequenceDataset
 from recjax.embeddings import zch_remap as zr
 from recjax.models.registry import build_model
+from recjax.sharding import embedding as embedding_lib
+from recjax.sharding import mesh as mesh_lib
 from recjax.train.remap_hook import RemappedTask
 from recjax.train.tasks import LossConfig, NextItemTask
 from recjax.train.trainer import TrainConfig, Trainer
@@ -76,6 +78,10 @@ class RunConfig:
     seed: int = 0  # model init, dropout and batch order
     data_seed: int = 0  # the ML-1M user subset / the churn stream
     devices: int = 1  # data-parallel devices (0: all)
+    # FreeScale placement of the remapped item table (docs/FREESCALE.md): "" (replicated, the 1-d data mesh),
+    # "row" / "table" on a data x model mesh with model_parallel devices on "model"
+    placement: str = ""
+    model_parallel: int = 1
     impl: str = "auto"  # remap implementation (auto: Pallas on a supporting GPU, XLA elsewhere)
 
     def __post_init__(self):
@@ -198,7 +204,11 @@ def make_trainer(
     )
     if eval_rows is not None:  # churn: the most recent users only
         inner.examples["test"] = eval_rows
-    trainer = Trainer(model, RemappedTask(inner, remapper), tcfg, workdir)
+    mesh = plan = None
+    if cfg.placement:  # the remapper's rows are the model's table rows: they shard like any table
+        mesh = mesh_lib.make_nd_mesh(mesh_lib.MeshConfig(model=cfg.model_parallel, num_devices=cfg.devices))
+        plan = embedding_lib.EmbeddingPlan.from_config({"items": cfg.placement})
+    trainer = Trainer(model, RemappedTask(inner, remapper), tcfg, workdir, mesh=mesh, embedding_plan=plan)
     key = (dataclasses.replace(cfg, seed=0), table_size, method, time_ordered)
     shared = _COMPILED.get(key)
     if shared is not None and shared[0] == trainer.graphdef:

@@ -89,3 +89,20 @@ def parallel_train_config(cfg):
     from experiments.train_lib import train_config
 
     return train_config(cfg.train)
+
+
+def test_moe_runs_expert_parallel_from_the_mesh_section(tmp_path):
+    """model.ffn="moe" with mesh.expert=4: experts split over the expert axis (all-to-all dispatch), the
+    same test metrics as one device."""
+    plain = _config()
+    plain.model.ffn, plain.model.ffn_options = "moe", {"num_experts": 4, "top_k": 1, "impl": "xla"}
+    plain.train.num_devices = 1
+    ref = run_experiment(plain, tmp_path / "plain")
+    cfg = _config(mesh={"data": 2, "model": 1, "expert": 4})
+    cfg.model.ffn, cfg.model.ffn_options = plain.model.ffn, plain.model.ffn_options
+    mesh, _, _ = parallel.setup(cfg, lambda *a, **k: iter(()))
+    opts = parallel.model_options(mesh, cfg.model.to_dict())["ffn_options"]
+    assert opts["mesh"] is mesh and opts["expert_axis"] == "expert"
+    got = run_experiment(cfg, tmp_path / "ep")
+    for k, v in ref["test"].items():
+        np.testing.assert_allclose(got["test"][k], v, atol=1e-5, err_msg=k)
