@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.config = a.config or SMALL_CONFIG
         # 2 epochs of 16 steps: level 0 from step 8, level 1 from step 16; one eval batch shape
         small = ["train.num_epochs=2", "model.start_step=8", "model.level_interval=8"]
-        a.set = [*small, "train.eval_batch_size=500", *a.set]
+        a.set = [*small, "train.eval_batch_size=500", "train.checkpoint_every_epochs=0", *a.set]
         a.upper, a.lower, a.k_clusters, a.candidates, a.ivf_clusters = 32, 2, 4, 256, 16
     a.config = a.config or DEFAULT_CONFIG
     if not 0 < a.cold < 1:
