@@ -39,6 +39,7 @@ from recjax.models.lime import LIME, LimeConfig  # noqa: E402
 from recjax.models.sasrec import SASRec, SASRecConfig  # noqa: E402
 
 MODELS = ("lime_xor", "lime_mha", "hstu_target", "full_mha")
+EXTRA_MODELS = ("lime_xor_pallas",)  # LIME-XOR with the links' read through pallas_kernels.lime_xor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ def flops(model: str, g: Grid, L: int, C: int) -> float:
     """Matmul FLOPs of one forward of the batch (projections + attention + scoring)."""
     D, R, B, n = g.dim, g.links, g.batch, g.layers
     proj = 2 * D * 4 * D + 2 * D * D  # uvqk / qkv+o (per token, per layer), then W_o / FFN-sized
-    if model == "lime_xor":
+    if model.startswith("lime_xor"):
         per_layer = (L + R) * proj + 2 * 2 * (2 * R * L * D)
         return B * (n * per_layer + C * 2 * R * D + C * 2 * D)
     if model == "lime_mha":
@@ -85,7 +86,8 @@ def build(model: str, g: Grid, max_len: int):
     if model.startswith("lime"):
         cfg = LimeConfig(
             num_items=g.num_items, max_len=max_len, embed_dim=g.dim, num_links=g.links,
-            attention=model.removeprefix("lime_"), num_layers=g.layers, num_heads=g.heads,
+            attention=model.removeprefix("lime_").removesuffix("_pallas"), num_layers=g.layers,
+            num_heads=g.heads, xor_impl="pallas" if model.endswith("_pallas") else "auto",
             attention_dim=g.dim // g.heads, linear_dim=g.dim // g.heads, ffn_hidden_dim=g.dim, dropout=0.0,
         )  # fmt: skip
         m = LIME(cfg, rngs=rngs)
@@ -183,7 +185,7 @@ def plot(rows: list[dict], g: Grid, path: pathlib.Path) -> None:
     for ax, (key, fixed, fixed_val) in zip(
         axes, (("candidates", "history", g.fixed_history), ("history", "candidates", g.fixed_candidates))
     ):
-        for model in MODELS:
+        for model in MODELS + EXTRA_MODELS:
             pts = [
                 (r[key], r["ms"]) for r in rows if r["model"] == model and r[fixed] == fixed_val and r["ms"]
             ]
@@ -208,8 +210,11 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--out", default="benchmarks")
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(MODELS), help=f"of {MODELS + EXTRA_MODELS}")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.models.split(",")) - set(MODELS + EXTRA_MODELS))
+    if unknown:
+        ap.error(f"--models: unknown {unknown}; expected names of {MODELS + EXTRA_MODELS}")
     g = SMALL if args.small else Grid()
     points = sorted(
         {(g.fixed_history, c) for c in g.candidates} | {(h, g.fixed_candidates) for h in g.histories}

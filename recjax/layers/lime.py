@@ -41,6 +41,7 @@ from flax import nnx
 from recjax import validation
 from recjax.layers.attention import CausalSelfAttention
 from recjax.layers.feedforward import PointwiseFeedForward
+from recjax.ops import lime_xor as lime_xor_ops
 
 SCORERS = ("dot", "mlp")
 
@@ -201,6 +202,7 @@ def xor_pointwise_attention(
     valid_xL: jax.Array,
     norm_length: int,
     bias_xHxRxL: jax.Array | None = None,
+    impl: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """The two blocks of XOR attention (plain jax.numpy, the reference of any kernel):
 
@@ -208,14 +210,13 @@ def xor_pointwise_attention(
     ``hist_out[s] = sum_r silu(q_s . k_r) / R * v_r`` (``bias_xHxRxL``, optional, added to the link->history
     logits). Leading dims (``x``: e.g. (B,) or (B, K)) broadcast
     between links, history and ``valid_xL`` (a history shared by K requests has K = 1). -> links
-    (..., R, H, V), history (..., L, H, V); the caller zeroes history rows that are padding."""
+    (..., R, H, V), history (..., L, H, V); the caller zeroes history rows that are padding. The links'
+    half, O(R L) and growing with the history, goes through ``recjax.ops.lime_xor`` (``impl``: its XLA
+    form or the Pallas kernel); the history's half is pointwise per item and stays in XLA."""
     R = q_links_xRxHxA.shape[-3]
-    logits = jnp.einsum("...rha,...lha->...hrl", q_links_xRxHxA, k_hist_xLxHxA)
-    if bias_xHxRxL is not None:  # the links' recency bias (LinkRecencyBias)
-        logits = logits + bias_xHxRxL
-    w_xHxRxL = jax.nn.silu(logits) / norm_length
-    w_xHxRxL = jnp.where(valid_xL[..., None, None, :], w_xHxRxL, 0.0)
-    links_out = jnp.einsum("...hrl,...lhv->...rhv", w_xHxRxL, v_hist_xLxHxV)
+    links_out = lime_xor_ops.xor_link_attention(
+        q_links_xRxHxA, k_hist_xLxHxA, v_hist_xLxHxV, valid_xL, norm_length, bias_xHxRxL, impl=impl
+    )
     w_xHxLxR = jax.nn.silu(jnp.einsum("...lha,...rha->...hlr", q_hist_xLxHxA, k_links_xRxHxA)) / R
     hist_out = jnp.einsum("...hlr,...rhv->...lhv", w_xHxLxR, v_links_xRxHxV)
     return links_out, hist_out
@@ -241,9 +242,11 @@ class LimeXorBlock(nnx.Module):
         *,
         dropout: float,
         eps: float,
+        xor_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         self.recency = LinkRecencyBias.optional(num_heads, num_links, num_position_buckets, rngs)
+        self.xor_impl = xor_impl
         self.num_heads, self.attention_dim, self.linear_dim = num_heads, attention_dim, linear_dim
         self.norm_length = norm_length
         H, A, V = num_heads, attention_dim, linear_dim
@@ -275,7 +278,9 @@ class LimeXorBlock(nnx.Module):
         ul, vl, ql, kl = self._uvqk(links_BxKxRxD)
         uh, vh, qh, kh = self._uvqk(history_BxKxLxD)
         bias = None if self.recency is None else self.recency(distance_BxKxL)
-        links_a, hist_a = xor_pointwise_attention(ql, kl, vl, qh, kh, vh, valid_BxKxL, self.norm_length, bias)
+        links_a, hist_a = xor_pointwise_attention(
+            ql, kl, vl, qh, kh, vh, valid_BxKxL, self.norm_length, bias, impl=self.xor_impl
+        )
         links_BxKxRxD = self._out(links_BxKxRxD, ul, links_a)
         if update_history:
             history_BxKxLxD = self._out(history_BxKxLxD, uh, hist_a)

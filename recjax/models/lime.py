@@ -47,6 +47,7 @@ from recjax.layers.lime import (
     recency_distance,
 )
 from recjax.models.sasrec import SequenceEmbedding, validate_sequence_inputs
+from recjax.ops import lime_xor as lime_xor_ops
 from recjax.train import losses
 from recjax.train.item_version import new_item_version
 from recjax.train.tasks import LossConfig, NextItemTask
@@ -78,6 +79,7 @@ class LimeConfig:
     l2_normalize: bool = True
     l2_norm_eps: float = 1e-6
     layer_norm_eps: float = 1e-6
+    xor_impl: str = "auto"  # links' read of the history: recjax.ops.lime_xor ("auto" = XLA for now)
 
     def __post_init__(self):
         for name in (
@@ -88,6 +90,8 @@ class LimeConfig:
         validation.check_positive("lime.num_position_buckets", self.num_position_buckets, allow_zero=True)
         if self.attention not in ATTENTIONS:
             raise ValueError(f"lime.attention: expected one of {ATTENTIONS}, got {self.attention!r}")
+        if self.xor_impl not in lime_xor_ops.IMPLS:
+            raise ValueError(f"lime.xor_impl: expected one of {lime_xor_ops.IMPLS}, got {self.xor_impl!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"lime.scorer: expected one of {SCORERS}, got {self.scorer!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -125,6 +129,7 @@ class LIME(nnx.Module):
                         cfg.num_position_buckets,
                         dropout=cfg.dropout,
                         eps=eps,
+                        xor_impl=cfg.xor_impl,
                         rngs=rngs,
                     )  # fmt: skip
                     for _ in range(cfg.num_layers)
