@@ -11,7 +11,8 @@ Implementations:
   request.
 - ``"reference"``: the kernel module's HIGHEST-precision definition.
 ``"auto"``: xla everywhere for now: the kernel has run only in interpret mode (docs/LIME.md), and is chosen
-explicitly (``LimeConfig.xor_impl``, ``experiments/bench/lime.py --xor-impl``) until its GPU numbers are in.
+explicitly (``LimeConfig.xor_impl``; ``experiments/bench/lime.py --models lime_xor_pallas``) until its GPU
+numbers are in.
 
 Letters: R links, L history, H heads, A q/k dim, V value dim, x leading dims.
 """
