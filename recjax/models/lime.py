@@ -173,6 +173,8 @@ class LIME(nnx.Module):
             valid_BxKxL = valid_BxL[:, None, :]
         else:
             validation.check_shape("cuts_BxK", cuts_BxK, (B, None))
+            validation.check_dtype("cuts_BxK", cuts_BxK, "iu")
+            validation.check_range("cuts_BxK", cuts_BxK, 0, L)
             valid_BxKxL = valid_BxL[:, None, :] & (jnp.arange(L)[None, None, :] <= cuts_BxK[:, :, None])
         K = valid_BxKxL.shape[1]
         distance_BxKxL = recency_distance(valid_BxL, valid_BxKxL)

@@ -144,6 +144,10 @@ def test_bad_input_is_rejected_naming_the_argument():
         model(jnp.pad(ids, ((0, 0), (1, 0))), jnp.pad(mask, ((0, 0), (1, 0))))
     with pytest.raises(ValueError, match="inputs_BxL"):
         model(ids.at[0, -1].set(NUM_ITEMS + 1), mask)
+    with pytest.raises(ValueError, match=rf"cuts_BxK: expected values in \[0, {MAX_LEN}\)"):
+        model(ids, mask, cuts_BxK=jnp.full((ids.shape[0], 2), MAX_LEN, jnp.int32))
+    with pytest.raises(TypeError, match="cuts_BxK: expected signed integer"):
+        model(ids, mask, cuts_BxK=jnp.zeros((ids.shape[0], 2), jnp.float32))
     with pytest.raises(ValueError, match="candidates"):
         model.score(model(ids, mask), jnp.asarray([0, 3], jnp.int32))
     ctx = _model(contextualize=True, user_feature_sizes=(2, 7))
