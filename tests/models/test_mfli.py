@@ -45,6 +45,21 @@ def _batch(task):
     return {k: jnp.asarray(v) for k, v in next(iter(task.train_batches(0, 0))).items()}
 
 
+# One model config and one jitted loss for the loss and Trainer tests: the loss compiles once (most of their
+# time is XLA compilation). The loss task never goes to a Trainer (which would attach it to a mesh).
+DELAYED = dict(start_step=6, level_schedule=(6, 12), usage_penalty=0.1)
+
+
+@pytest.fixture(scope="module")
+def loss_task(split):
+    return _task(split)
+
+
+@pytest.fixture(scope="module")
+def loss_fn(loss_task):
+    return nnx.jit(loss_task.loss)
+
+
 def test_label_examples_follow_the_ratings(split):
     labels = label_examples(split, ["rating_ge_4", "any_rating", "next_item"], MAX_LEN)
     assert sorted(labels) == ["label_any_rating", "label_rating_ge_4"]
@@ -58,16 +73,15 @@ def test_label_examples_follow_the_ratings(split):
         assert labels["label_any_rating"][row, -n:].all() and not labels["label_any_rating"][row, :-n].any()
 
 
-def test_loss_before_start_is_the_raw_softmax_per_label_type(split):
-    task = _task(split)
-    model = _model(split.num_items, start_step=5, usage_penalty=1.0)
-    batch, rng = _batch(task), jax.random.key(1)
-    loss_fn = nnx.jit(task.loss)
-    loss, metrics = loss_fn(model, {**batch, "quantizer_step": jnp.int32(4)}, rng)
+def test_loss_before_start_is_the_raw_softmax_per_label_type(split, loss_task, loss_fn):
+    model = _model(split.num_items, **DELAYED)
+    batch, rng = _batch(loss_task), jax.random.key(1)
+    loss, metrics = loss_fn(model, {**batch, "quantizer_step": jnp.int32(5)}, rng)
     hidden = nnx.jit(lambda m, b: m(b["inputs"], b["mask"]))(model, batch)
+    ssm = jax.jit(losses.sampled_softmax_loss, static_argnames="num_negatives")  # one compile, both types
     expected = 0.0
     for name, w in (("any_rating", 1.0), ("rating_ge_4", 0.5)):
-        raw, _ = losses.sampled_softmax_loss(
+        raw, _ = ssm(
             hidden, batch["targets"], batch["mask"] & batch[f"label_{name}"], model.item_embeddings(), rng,
             num_negatives=16,
         )  # fmt: skip
@@ -76,9 +90,9 @@ def test_loss_before_start_is_the_raw_softmax_per_label_type(split):
     assert int(metrics["rq/active_levels"]) == 0 and float(metrics["quantizer_loss"]) == 0.0
     # rating >= 4 positives are a strict subset of all ratings
     assert 0 < float(metrics["rating_ge_4/num_valid"]) < float(metrics["any_rating/num_valid"])
-    assert int(model.quantizer.step[...]) == 4
-    # From the start step on, the quantized softmax and the quantizer's loss are added.
-    loss5, metrics5 = loss_fn(model, {**batch, "quantizer_step": jnp.int32(5)}, rng)
+    assert int(model.quantizer.step[...]) == 5
+    # From the start step on, the quantized softmax and the quantizer's loss are added (both levels at 12).
+    loss5, metrics5 = loss_fn(model, {**batch, "quantizer_step": jnp.int32(12)}, rng)
     assert int(metrics5["rq/active_levels"]) == 2 and float(metrics5["quantizer_loss"]) > 0
     quant = sum(
         w * float(metrics5[f"{n}/quantized_loss"]) for n, w in (("any_rating", 1), ("rating_ge_4", 0.5))
@@ -110,12 +124,10 @@ def test_prepare_runs_kmeans_exactly_at_each_level_step(split):
     assert not np.allclose(p6[:, 1], cb0[:, 1])
 
 
-def test_trains_through_the_trainer(split, tmp_path):
+def test_trains_through_the_trainer(split, tmp_path, loss_fn):
     task = _task(split)
-    model = _model(split.num_items, start_step=6, level_schedule=(6, 12), usage_penalty=0.1)
+    model = _model(split.num_items, **DELAYED)
     batch, rng = _batch(task), jax.random.key(3)
-
-    loss_fn = nnx.jit(task.loss)
 
     def raw_losses(m, step):
         _, metrics = loss_fn(nnx.clone(m), {**batch, "quantizer_step": jnp.int32(step)}, rng)
