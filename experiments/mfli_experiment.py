@@ -253,11 +253,11 @@ def run_seed(config, seed: int, workdir: pathlib.Path, a) -> SeedRun:
     return SeedRun(result, best, task)
 
 
-def _cell(values) -> str:
+def _cell(values, digits: int = 4) -> str:
     v = np.asarray([x for x in values if x is not None], np.float64)
     if not len(v):
         return "-"
-    return f"{v.mean():.4f}" if len(v) == 1 else f"{v.mean():.4f} ± {v.std():.4f}"
+    return f"{v.mean():.{digits}f}" if len(v) == 1 else f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
 
 
 def format_tables(results: list[dict]) -> str:
@@ -265,7 +265,7 @@ def format_tables(results: list[dict]) -> str:
     head += " | " + " | ".join(f"cold R@{k}" for k in KS) + " |"
     lines = [head, "|" + "---|" * (2 + 2 * len(KS))]
     for m in METHODS:
-        cells = [_cell([r[m]["candidates"] for r in results])]
+        cells = [_cell([r[m]["candidates"] for r in results], 1)]
         cells += [_cell([r[m][f"recall@{k}"] for r in results]) for k in KS]
         cells += [_cell([r[m][f"cold_recall@{k}"] for r in results]) for k in KS]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -280,12 +280,13 @@ def format_tables(results: list[dict]) -> str:
     for f in range(len(r0["balance"])):
         b = [r["balance"][f] for r in results]
 
-        def pair(field, b=b):
-            return f"{_cell([x['before'][field] for x in b])} -> {_cell([x['after'][field] for x in b])}"
+        def pair(field, digits=3, b=b):
+            before, after = ([x[when][field] for x in b] for when in ("before", "after"))
+            return f"{_cell(before, digits)} -> {_cell(after, digits)}"
 
         lines.append(
-            f"| {f} | {pair('num_clusters')} | {pair('max_over_mean')} | {pair('gini')} | "
-            f"{pair('max_size')} ({r0['upper_bound']}) |"
+            f"| {f} | {pair('num_clusters', 0)} | {pair('max_over_mean')} | {pair('gini')} | "
+            f"{pair('max_size', 0)} ({r0['upper_bound']}) |"
         )
     return "\n".join(lines)
 
