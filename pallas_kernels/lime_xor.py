@@ -62,6 +62,8 @@ def xor_link_attention(
     interpret: bool = False,
 ) -> jax.Array:
     """(B, H, R, V) float32; see the module docstring. Shapes are the caller's to check (``recjax.ops``)."""
+    if block_l < 16 or block_l & (block_l - 1):
+        raise ValueError(f"block_l: expected a power of two >= 16 (Triton block), got {block_l}")
     B, H, R, A = q_BxHxRxA.shape
     L, V = k_BxHxLxA.shape[2], v_BxHxLxV.shape[3]
     Rp, Ap, Vp = _pow2_at_least_16(R), _pow2_at_least_16(A), _pow2_at_least_16(V)

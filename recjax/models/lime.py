@@ -92,6 +92,8 @@ class LimeConfig:
             raise ValueError(f"lime.attention: expected one of {ATTENTIONS}, got {self.attention!r}")
         if self.xor_impl not in lime_xor_ops.IMPLS:
             raise ValueError(f"lime.xor_impl: expected one of {lime_xor_ops.IMPLS}, got {self.xor_impl!r}")
+        if self.attention != "xor" and self.xor_impl != "auto":
+            raise ValueError(f"lime.xor_impl: for attention='xor' only, got attention={self.attention!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"lime.scorer: expected one of {SCORERS}, got {self.scorer!r}")
         if not 0.0 <= self.dropout < 1.0:

@@ -19,6 +19,8 @@ Letters: R links, L history, H heads, A q/k dim, V value dim, x leading dims.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -54,6 +56,8 @@ def xor_link_attention(
     L = k_hist_xLxHxA.shape[-3]
     validation.check_shape("v_hist_xLxHxV", v_hist_xLxHxV, (None,) * (v_hist_xLxHxV.ndim - 3) + (L, H, None))
     validation.check_shape("valid_xL", valid_xL, (None,) * (valid_xL.ndim - 1) + (L,))
+    if bias_xHxRxL is not None:
+        validation.check_shape("bias_xHxRxL", bias_xHxRxL, (None,) * (bias_xHxRxL.ndim - 3) + (H, R, L))
     name = "xla" if impl == "auto" else dispatch.resolve_impl(impl, IMPLS)
     if name == "xla":
         return _xla(q_links_xRxHxA, k_hist_xLxHxA, v_hist_xLxHxV, valid_xL, norm_length, bias_xHxRxL)
@@ -79,6 +83,30 @@ def xor_link_attention(
     if name == "reference":
         out = kernel.xor_link_attention_reference(q, k, v, valid, bias, norm_length=norm_length)
     else:
-        interpret = not dispatch.pallas_supported()
-        out = kernel.xor_link_attention(q, k, v, valid, bias, norm_length=norm_length, interpret=interpret)
+        out = _pallas(q, k, v, valid, bias, norm_length)
     return jnp.moveaxis(out, 1, 2).reshape(lead + (R, H, V))  # (..., R, H, V)
+
+
+# The kernel has no reverse-mode rule: the forward runs it, the backward is the definition's VJP (XLA), so
+# a model with xor_impl="pallas" trains (the saving is the forward's; a backward kernel is not written).
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _pallas(q, k, v, valid, bias, norm_length):
+    interpret = not dispatch.pallas_supported()
+    return kernel.xor_link_attention(q, k, v, valid, bias, norm_length=norm_length, interpret=interpret)
+
+
+def _pallas_fwd(q, k, v, valid, bias, norm_length):
+    return _pallas(q, k, v, valid, bias, norm_length), (q, k, v, valid, bias)
+
+
+def _pallas_bwd(norm_length, saved, g):
+    q, k, v, valid, bias = saved
+
+    def definition(q, k, v, bias):
+        return kernel.xor_link_attention_reference(q, k, v, valid, bias, norm_length=norm_length)
+
+    dq, dk, dv, dbias = jax.vjp(definition, q, k, v, bias)[1](g)
+    return dq, dk, dv, None, dbias
+
+
+_pallas.defvjp(_pallas_fwd, _pallas_bwd)

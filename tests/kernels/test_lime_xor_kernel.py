@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pallas_kernels import lime_xor as kernel
 from recjax.layers.lime import LimeXorBlock
 from recjax.models.lime import LimeConfig
 from recjax.ops import lime_xor as ops
@@ -78,4 +79,25 @@ def test_bad_arguments_are_named():
         ops.xor_link_attention(q, k, v, valid[..., :5], 50, b)
     with pytest.raises(ValueError, match="lime.xor_impl"):
         LimeConfig(num_items=10, xor_impl="cuda")
+    with pytest.raises(ValueError, match="lime.xor_impl: for attention='xor' only"):
+        LimeConfig(num_items=10, attention="mha", xor_impl="pallas")
+    with pytest.raises(ValueError, match="bias_xHxRxL"):
+        ops.xor_link_attention(q, k, v, valid, 50, b[..., :1, :, :])
     assert jax.numpy.isfinite(ops.xor_link_attention(q, k, v, valid, 50, b)).all()
+
+
+def test_kernel_bias_over_several_tiles_and_gradients_through_the_pallas_path():
+    q, k, v, valid, b = _inputs(4, L=300)
+    want = _numpy_definition(q, k, v, valid, b, 300)
+    got = ops.xor_link_attention(q, k, v, valid, 300, b, impl="pallas")  # 3 tiles of 128, bias tiled too
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="block_l: expected a power of two"):
+        kernel.xor_link_attention(q, k, v, valid, None, norm_length=300, block_l=100, interpret=True)
+
+    def loss(impl):
+        return lambda q, k, v, b: jnp.sum(ops.xor_link_attention(q, k, v, valid, 300, b, impl=impl) ** 2)
+
+    g_pallas = jax.grad(loss("pallas"), argnums=(0, 1, 2, 3))(q, k, v, b)
+    g_xla = jax.grad(loss("xla"), argnums=(0, 1, 2, 3))(q, k, v, b)
+    for gp, gx in zip(g_pallas, g_xla, strict=True):
+        np.testing.assert_allclose(np.asarray(gp), np.asarray(gx), rtol=2e-3, atol=2e-3)
