@@ -154,7 +154,7 @@ class LIME(nnx.Module):
                 ]
             )
         self.scorer = CandidateScorer(cfg.scorer, D, cfg.scorer_hidden, rngs=rngs)
-        self.item_version = new_item_version(rngs)  # the Trainer advances it every step
+        self.item_version = new_item_version()  # the Trainer advances it every step
 
     # -- user side ------------------------------------------------------------------------------------
     def __call__(

@@ -121,7 +121,7 @@ def test_cached_scores_equal_on_the_fly_and_stale_cache_is_rejected():
     advance_item_versions(model)  # what every training step does
     with pytest.raises(ValueError, match=rf"cache: built at item version {tag}, the model is at \d+"):
         model.score_cached(personal, cache, cand)
-    # Another model (another seed) at the same number of steps does not accept this model's cache.
+    # Another model (here another seed; the same seed would do too) does not accept this model's cache.
     other = _model(scorer="mlp", seed=1)
     with pytest.raises(ValueError, match="or it is another model"):
         other.score_cached(personal, model.build_item_cache(), cand)
@@ -186,6 +186,13 @@ def test_trains_through_the_trainer_and_beats_chance(tmp_path):
     # The Trainer advanced the tag once per step, and the best parameters keep the tag of their step.
     assert int(trainer.eval_model().item_version[...]) == tag_after(results["steps"])
     best_steps = results["steps"] // results["epochs"] * results["best_epoch"]
+    assert int(trainer.best_model().item_version[...]) == tag_after(best_steps)
+    # The best model reads the variables saved with the best parameters, not the current ones: after more
+    # steps (one simulated here) the two differ.
+    model_now = trainer.eval_model()
+    advance_item_versions(model_now)
+    trainer.state = trainer.state.replace(rest=nnx.split(model_now, nnx.Param, ...)[2])
+    assert int(trainer.eval_model().item_version[...]) == tag_after(results["steps"] + 1)
     assert int(trainer.best_model().item_version[...]) == tag_after(best_steps)
     with pytest.raises(TypeError, match="LimeNextItemTask trains a LIME model"):
         task.check_model(object())
