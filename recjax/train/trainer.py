@@ -338,6 +338,13 @@ class Trainer:
             donate_argnums=(0,) if cfg.donate else (),
         )
         self.prefetcher = None
+        if prefetch is not None and type(task).prepare is not Task.prepare:
+            # The carried rows are read before the step; a prepare that rewrites the table or the ids (an
+            # ID remapper, MFLI's k-means) would be served rows of the table before it ran.
+            raise ValueError(
+                f"prefetch: {type(task).__name__} overrides Task.prepare (it may change the table or the ids "
+                "before the step); prioritized lookups need the plain prepare -- leave prefetch off"
+            )
         if prefetch is not None:  # one program per step: this batch's step + the next batch's lookups
             self.prefetcher = prefetch_lib.Prefetcher(
                 step_fn, self.mesh, embedding_plan, self.state_shardings, prefetch, donate=cfg.donate
@@ -402,6 +409,10 @@ class Trainer:
         return self.task.evaluate(self.eval_model(params), split, task_state)
 
     # -- training ---------------------------------------------------------------------------------------
+    def _check_prefetch(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.check()
+
     def _check_finite(self, step: int, metrics: dict) -> None:
         if bool(metrics["finite"]):
             return
@@ -495,9 +506,11 @@ class Trainer:
                 if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
                     self._check_finite(*pending)
                     pending = None
+                    self._check_prefetch()
                     self._save()
             if pending is not None:
                 self._check_finite(*pending)
+            self._check_prefetch()  # the epoch's last step, before validation, the best copy and a save
             jax.block_until_ready(self.state)  # the epoch's time includes its device work
             bar.close()
             epoch_times.append(time.time() - t_epoch)

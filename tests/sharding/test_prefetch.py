@@ -124,3 +124,11 @@ def test_prefetch_of_other_ids_refused(tmp_path):
     pre.close()
     with pytest.raises(ValueError, match=r"prefetch.capacity"):
         P.PrefetchConfig(capacity=0.0)
+
+
+def test_prefetch_refused_for_a_task_with_its_own_prepare(tmp_path, monkeypatch):
+    # A prepare may rewrite the table or the ids before the step (an ID remapper, MFLI's k-means): the rows
+    # carried from the previous step would then be stale.
+    monkeypatch.setattr(NextItemTask, "prepare", lambda self, *a: a[:4] + ({},), raising=True)
+    with pytest.raises(ValueError, match="prefetch: NextItemTask overrides Task.prepare"):
+        _trainer(tmp_path / "prep", "lazy", P.PrefetchConfig(capacity=0.6), epochs=1)
