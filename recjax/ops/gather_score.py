@@ -6,7 +6,8 @@ Implementations:
   of two.
 - ``"xla"``: ``table[rows] * q`` summed over D in float32 (XLA fuses the gather into the reduction).
 - ``"reference"``: the kernel module's plain-JAX definition (HIGHEST-precision einsum).
-``"auto"``: pallas on a supporting GPU when D is a power of two, xla elsewhere.
+``"auto"``: pallas on a supporting GPU when D is a power of two and R * D < 2^31 (int32 offsets), xla
+elsewhere.
 
 Letters: B queries, C candidates per query, R table rows, D dim.
 """
@@ -48,6 +49,11 @@ def gather_score(
     validation.check_dtype("table_RxD", table_RxD, "f")
     validation.check_dtype("rows_BxC", rows_BxC, "iu")
     name = resolve(impl, d)
+    if name == "pallas" and table_RxD.shape[0] * d >= 2**31:
+        # The kernel gathers with int32 element offsets (row * D): a larger table would wrap around.
+        if impl == "pallas":
+            raise ValueError(f"table_RxD: the pallas kernel needs R * D < 2^31, got {table_RxD.shape}")
+        name = "xla"
     if name == "reference":
         return kernel.gather_score_reference(queries_BxD, table_RxD, rows_BxC)
     if name == "xla":

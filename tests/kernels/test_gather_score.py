@@ -1,6 +1,7 @@
 """Gather + score kernel (MFLI rerank) in interpret mode and the op's implementations against the
 plain-JAX reference, on ragged candidate counts with padding rows."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -51,3 +52,12 @@ def test_op_impls_agree(rng):
         op.gather_score(q, table, rows.astype(np.float32))
     with pytest.raises(ValueError, match="impl"):
         op.gather_score(q, table, jnp.asarray(rows), impl="cuda")
+
+
+def test_pallas_refuses_a_table_past_int32_offsets():
+    table = jax.ShapeDtypeStruct((1 << 25, 64), jnp.float32)  # R * D = 2^31: shapes only, nothing allocated
+    q, rows = jax.ShapeDtypeStruct((2, 64), jnp.float32), jax.ShapeDtypeStruct((2, 8), jnp.int32)
+    with pytest.raises(ValueError, match=r"table_RxD: the pallas kernel needs R \* D < 2\^31"):
+        jax.eval_shape(lambda t, a, b: op.gather_score(a, t, b, impl="pallas"), table, q, rows)
+    out = jax.eval_shape(lambda t, a, b: op.gather_score(a, t, b, impl="auto"), table, q, rows)
+    assert out.shape == (2, 8)
