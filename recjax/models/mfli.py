@@ -173,14 +173,17 @@ class MFLI(nnx.Module):
         """quantized_NxFxD of every row at the current step's active levels."""
         return self.quantizer.quantize(self.quantizer_inputs()[0])[0]
 
-    def initialize_levels(self, step: jax.Array) -> None:
-        """k-means (re)initialization of every level whose activation step is ``step`` (traced), in level
-        order, each from the residuals of the levels before it. Called by ``MFLITask.prepare``."""
+    def initialize_levels(self, step: jax.Array, done_L: jax.Array | None = None) -> jax.Array:
+        """k-means initialization of every level that is due (its activation step reached, ``step``
+        traced) and not ``done_L`` yet, in level order, each from the residuals of the levels before it.
+        -> the new ``done_L``. Called by ``MFLITask.prepare``, which keeps ``done_L`` in the task state, so
+        a non-finite step (whose state the Trainer throws away) leaves the level due for the next step."""
         c = self.quantizer.config
         items_NxD, valid_N = self.quantizer_inputs()
         x_NxFxD = jax.lax.stop_gradient(self.quantizer.facet_inputs(items_NxD))
         key = jax.random.key(c.seed)
         cb = self.quantizer.codebooks[...]
+        done_L = jnp.zeros((len(c.level_steps),), bool) if done_L is None else done_L
         for level, at in enumerate(c.level_steps):
 
             def init(cb, level=level):
@@ -189,8 +192,11 @@ class MFLI(nnx.Module):
                     c.kmeans_sample,
                 )  # fmt: skip
 
-            cb = jax.lax.cond(step == at, init, lambda cb: cb, cb)
+            due = (step >= at) & ~done_L[level]
+            cb = jax.lax.cond(due, init, lambda cb: cb, cb)
+            done_L = done_L.at[level].set(done_L[level] | due)
         self.quantizer.codebooks[...] = cb
+        return done_L
 
 
 def label_examples(split, label_types: Sequence[str], max_len: int) -> dict[str, np.ndarray]:
@@ -323,9 +329,16 @@ class MFLITask(NextItemTask):
         if self._graphdef is None:
             raise RuntimeError("MFLITask.prepare: check_model(model) was not called (the Trainer calls it)")
         model = nnx.merge(self._graphdef, params, self._rest)
-        model.initialize_levels(step)
+        done_L = model.initialize_levels(step, task_state["levels_initialized"])
         _, params, _ = nnx.split(model, nnx.Param, ...)
+        task_state = {**task_state, "levels_initialized": done_L}
         return params, opt_state, task_state, {**batch, "quantizer_step": step}, {}
+
+    def init_state(self, params) -> dict:
+        if self._graphdef is None:
+            raise RuntimeError("MFLITask.init_state: check_model(model) first (the Trainer calls it)")
+        num_levels = len(nnx.merge(self._graphdef, params, self._rest).quantizer.config.level_steps)
+        return {"levels_initialized": jnp.zeros((num_levels,), bool)}
 
     def loss(self, model, batch, rng):
         return mfli_loss(self.loss_cfg, self.label_weights, self.quantized_weight, model, batch, rng)

@@ -100,28 +100,42 @@ def test_loss_before_start_is_the_raw_softmax_per_label_type(split, loss_task, l
     assert float(loss5) == pytest.approx(expected + quant + float(metrics5["quantizer_loss"]), rel=1e-4)
 
 
-def test_prepare_runs_kmeans_exactly_at_each_level_step(split):
+def test_prepare_runs_kmeans_once_per_level_from_its_step(split):
     task = _task(split, labels=(("next_item", 1.0),))
     model = _model(split.num_items, start_step=3, level_schedule=(3, 6))
     task.check_model(model)
     _, params, _ = nnx.split(model, nnx.Param, ...)
-    prepare = jax.jit(lambda p, step: task.prepare(p, {}, {}, {"x": jnp.zeros(2)}, jax.random.key(0), step))
+
+    @jax.jit
+    def prepare(p, state, step):
+        p, _, state, batch, _ = task.prepare(p, {}, state, {"x": jnp.zeros(2)}, jax.random.key(0), step)
+        return p, state, batch
+
+    def codebooks(p):
+        return np.asarray(p["quantizer"]["codebooks"][...])
+
+    s0 = task.init_state(params)
     cb0 = np.asarray(model.quantizer.codebooks_FxLxMxD)
-    for step in (0, 2, 4, 5, 7):  # not an activation step: nothing changes
-        p, _, _, batch, _ = prepare(params, jnp.int32(step))
-        np.testing.assert_array_equal(np.asarray(p["quantizer"]["codebooks"][...]), cb0)
-        assert int(batch["quantizer_step"]) == step
-    p3 = prepare(params, jnp.int32(3))[0]
+    for step in (0, 2):  # before the start step: nothing changes
+        p, s, batch = prepare(params, s0, jnp.int32(step))
+        np.testing.assert_array_equal(codebooks(p), cb0)
+        assert not np.asarray(s["levels_initialized"]).any() and int(batch["quantizer_step"]) == step
+    p3, s3, _ = prepare(params, s0, jnp.int32(3))
     items, valid = model.quantizer_inputs()
     x = model.quantizer.facet_inputs(items)
     key = jax.random.key(model.quantizer.config.seed)
     ref = rq.kmeans_level(model.quantizer.codebooks_FxLxMxD, x, valid, 0, jax.random.fold_in(key, 0), 3, 8192)
-    np.testing.assert_allclose(np.asarray(p3["quantizer"]["codebooks"][...]), np.asarray(ref), atol=1e-5)
-    got3 = np.asarray(p3["quantizer"]["codebooks"][...])
-    np.testing.assert_array_equal(got3[:, 1], cb0[:, 1])  # level 1 waits for step 6
-    p6 = np.asarray(prepare(p3, jnp.int32(6))[0]["quantizer"]["codebooks"][...])
-    np.testing.assert_array_equal(p6[:, 0], got3[:, 0])
-    assert not np.allclose(p6[:, 1], cb0[:, 1])
+    np.testing.assert_allclose(codebooks(p3), np.asarray(ref), atol=1e-5)
+    np.testing.assert_array_equal(codebooks(p3)[:, 1], cb0[:, 1])  # level 1 waits for step 6
+    assert np.asarray(s3["levels_initialized"]).tolist() == [True, False]
+    np.testing.assert_array_equal(codebooks(prepare(p3, s3, jnp.int32(4))[0]), codebooks(p3))  # once only
+    # A non-finite step 3 is thrown away with its task state: level 0 is still due at step 4.
+    p4, s4, _ = prepare(params, s0, jnp.int32(4))
+    np.testing.assert_allclose(codebooks(p4), np.asarray(ref), atol=1e-5)
+    assert np.asarray(s4["levels_initialized"]).tolist() == [True, False]
+    p6, s6, _ = prepare(p3, s3, jnp.int32(6))
+    np.testing.assert_array_equal(codebooks(p6)[:, 0], codebooks(p3)[:, 0])
+    assert not np.allclose(codebooks(p6)[:, 1], cb0[:, 1]) and np.asarray(s6["levels_initialized"]).all()
 
 
 def test_trains_through_the_trainer(split, tmp_path, loss_fn):
