@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import zlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -16,9 +17,10 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture
-def rng() -> np.random.Generator:
-    """Fresh random inputs each run; the seed is printed on failure so a case can be replayed."""
-    seed = int.from_bytes(os.urandom(4), "little")
+def rng(request) -> np.random.Generator:
+    """Random inputs from a fixed seed per test (its node id), so a statistical threshold cannot fail by
+    chance from one run to the next; printed on failure."""
+    seed = zlib.crc32(request.node.nodeid.encode())
     print(f"rng seed {seed}")
     return np.random.default_rng(seed)
 
