@@ -85,18 +85,13 @@ def _mfli_task(split, tcfg, config, batch_iter):
     from recjax.models.mfli import MFLITask
 
     task_cfg = dict(config.get("task", {}) or {})
-    return MFLITask(
+    return MFLITask.from_config(
         split,
+        tcfg,
         max_len=config.data.max_len,
-        batch_size=tcfg.batch_size,
+        batch_iter=batch_iter,
         label_weights=dict(task_cfg.get("label_weights", {"next_item": 1.0})),
         quantized_weight=task_cfg.get("quantized_weight", 1.0),
-        loss=tcfg.loss,
-        eval_batch_size=tcfg.eval_batch_size,
-        ks=tcfg.ks,
-        early_stop_metric=tcfg.early_stop_metric,
-        eval_impl=tcfg.eval_impl,
-        batch_iter=batch_iter,
     )
 
 

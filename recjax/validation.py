@@ -78,3 +78,10 @@ def check_ids(name: str, ids, num_ids: int, *, padding: int | None = None) -> No
         idx = tuple(int(i) for i in np.argwhere(~ok)[0])
         pad = "" if padding is None else f" or {padding} (padding)"
         raise ValueError(f"{name}: expected ids in [0, {num_ids}){pad}, got {arr[idx]} at index {idx}")
+
+
+def check_float_values(name: str, x, shape) -> None:
+    """Shape (``None`` = any size), a floating dtype and no NaN/inf: the checks of an embedding input."""
+    check_shape(name, x, shape)
+    check_dtype(name, x, "f")
+    check_finite(name, x)

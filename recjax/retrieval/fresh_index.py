@@ -79,9 +79,7 @@ class Candidates:
 
 
 def _float_array(name: str, x, shape) -> jax.Array:
-    validation.check_shape(name, x, shape)
-    validation.check_dtype(name, x, "f")
-    validation.check_finite(name, x)
+    validation.check_float_values(name, x, shape)
     return jnp.asarray(x, jnp.float32)
 
 

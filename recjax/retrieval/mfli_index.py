@@ -122,9 +122,7 @@ class ServingArrays:
 
 
 def _check_float(name: str, x, shape) -> np.ndarray:
-    validation.check_shape(name, x, shape)
-    validation.check_dtype(name, x, "f")
-    validation.check_finite(name, x)
+    validation.check_float_values(name, x, shape)
     return np.asarray(x, np.float32)
 
 

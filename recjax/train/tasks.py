@@ -217,8 +217,11 @@ class NextItemTask(Task):
         self.examples = {s: split.eval_examples(s, max_len) for s in self.splits}
 
     @classmethod
-    def from_config(cls, split: LeaveOneOut, cfg: Any, *, max_len: int, batch_iter=None) -> NextItemTask:
-        """From a ``TrainConfig`` (its batch sizes, loss, cutoffs, early-stopping metric, score impl)."""
+    def from_config(
+        cls, split: LeaveOneOut, cfg: Any, *, max_len: int, batch_iter=None, **task_settings: Any
+    ) -> NextItemTask:
+        """From a ``TrainConfig`` (its batch sizes, loss, cutoffs, early-stopping metric, score impl);
+        ``task_settings``: a subclass's own arguments."""
         return cls(
             split,
             max_len=max_len,
@@ -229,6 +232,7 @@ class NextItemTask(Task):
             early_stop_metric=cfg.early_stop_metric,
             eval_impl=cfg.eval_impl,
             batch_iter=batch_iter,
+            **task_settings,
         )
 
     def metric_names(self) -> tuple[str, ...]:
