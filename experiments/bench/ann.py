@@ -65,8 +65,9 @@ def make_mask(b: int, n: int, sel: float | None, seed: int = 1):
 
 
 def exact_float_topk(q_RxD, items_NxD, k, mask_RxW=None, chunk=1 << 15):
-    """Ground truth: float32 HIGHEST-precision scores, chunked over items, filtered, top-k ids. Small chunks:
-    XLA's GPU top-k over one 1M-column row compiled for ~3 min on an H200 (2026-12-02) and starved the call."""
+    """Ground truth: float32 HIGHEST-precision scores, chunked over items, filtered, top-k ids. Small
+    chunks: XLA's GPU top-k over one 1M-column row compiled for ~3 min on an H200 (2026-12-02) and starved
+    the call."""
     vals, ids = [], []
     n = items_NxD.shape[0]
     for s in range(0, n, chunk):

@@ -145,6 +145,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         "checkpoint_every_epochs": 1,  # 0: none at epoch ends (both 0: checkpoints off)
         "nonfinite": "error",  # a non-finite loss/gradient stops the run naming the step; "skip": count it
         "donate": True,
+        "max_train_seconds": 0.0,  # 0: no wall-clock budget (see TrainConfig)
         "eval_batch_size": 256,
         "ks": (10, 50, 200),
         "num_devices": 0,

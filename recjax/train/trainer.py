@@ -79,14 +79,21 @@ class TrainConfig:
     progress: bool = True
     nonfinite: str = "error"  # or "skip"; see the module docstring
     donate: bool = True  # donate the state to the step (False only to measure what donation saves)
+    # Wall-clock budget of this process's training loop, checked at epoch ends (0: none). When spent, the
+    # run stops after that epoch's validation and checkpoint, tests the best parameters and reports
+    # "out_of_time"; a resumed run gets the budget afresh and goes on training.
+    max_train_seconds: float = 0.0
     loss: LossConfig = LossConfig()
 
     def __post_init__(self):
         for name in ("batch_size", "num_epochs", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name}: expected > 0, got {getattr(self, name)}")
-        for name in ("eval_every_epochs", "patience", "checkpoint_every_steps", "checkpoint_every_epochs"):
-            if getattr(self, name) < 0:
+        for name in (
+            "eval_every_epochs", "patience", "checkpoint_every_steps", "checkpoint_every_epochs",
+            "max_train_seconds",
+        ):  # fmt: skip
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"train.learning_rate: expected > 0, got {self.learning_rate}")
@@ -474,8 +481,8 @@ class Trainer:
         cfg, task, lp = self.cfg, self.task, self.loop
         writer = MetricWriter(self.workdir, purge_step=self.resumed_from)
         steps_per_epoch = task.num_train_batches()
-        t_start, epoch_times = time.time(), []
-        while lp["epoch"] < cfg.num_epochs and not lp["stopped"]:
+        t_start, epoch_times, out_of_time = time.time(), [], False
+        while lp["epoch"] < cfg.num_epochs and not lp["stopped"] and not out_of_time:
             epoch, t_epoch = lp["epoch"], time.time()
             if lp["batch"] == 0:  # a new epoch: its task counters start at zero
                 task_state = _distinct_buffers(task.start_epoch(self.state.task_state))
@@ -530,6 +537,9 @@ class Trainer:
             ):
                 self._save()
             writer.flush()  # a killed run keeps every finished epoch's metrics on disk
+            out_of_time = bool(cfg.max_train_seconds) and time.time() - t_start >= cfg.max_train_seconds
+            if out_of_time and lp["epoch"] < cfg.num_epochs and not lp["stopped"] and cfg.progress:
+                tqdm.write(f"epoch {lp['epoch']}: train.max_train_seconds={cfg.max_train_seconds} spent")
         if not cfg.eval_every_epochs:  # copied once, at the end (a resume re-runs this line too)
             self.best = _best_copy(self.state)
         test = self.evaluate("test") if "test" in task.splits else {}
@@ -543,6 +553,7 @@ class Trainer:
             "steps": self.loop_step,
             "skipped_steps": lp["skipped_steps"],
             "stopped_early": bool(lp["stopped"]),
+            "out_of_time": out_of_time and lp["epoch"] < cfg.num_epochs and not lp["stopped"],
             "wall_s": time.time() - t_start,
             "s_per_epoch": float(np.median(epoch_times)) if epoch_times else None,  # None: no epoch ran
             "devices": f"{self.mesh.shape['data']} x {jax.devices()[0].platform}",

@@ -42,10 +42,14 @@ RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoints"  # the Trainer's checkpoint directory inside the workdir
 
 # Keys whose change cannot change the results: display, checkpoint cadence (resume is exact at any save
-# point), buffer donation (memory only).
+# point), buffer donation (memory only), the wall-clock budget (it only says where a run pauses; a run
+# that ran out of time is not finished, and running it again goes on along the same trajectory).
 RESULT_NEUTRAL_KEYS = frozenset(
-    {"train.progress", "train.checkpoint_every_steps", "train.checkpoint_every_epochs", "train.donate"}
-)
+    {
+        "train.progress", "train.checkpoint_every_steps", "train.checkpoint_every_epochs", "train.donate",
+        "train.max_train_seconds",
+    }
+)  # fmt: skip
 # Keys that may grow without asking: more epochs continue a run.
 GROWABLE_KEYS = frozenset({"train.num_epochs"})
 
@@ -315,13 +319,16 @@ def resume_message(step: int, epoch: int, batch: int = 0) -> str:
 def finished_results(workdir: str | os.PathLike, config: Mapping[str, Any]) -> dict[str, Any] | None:
     """The parsed ``workdir/results.json`` when it records a finished run of ``config`` (its ``"config"``
     entry equal up to ``RESULT_NEUTRAL_KEYS``); ``None`` when absent, unreadable, without a config, or
-    written with another config (e.g. ``train.num_epochs`` raised to continue the run)."""
+    written with another config (e.g. ``train.num_epochs`` raised to continue the run), or when the run
+    stopped because ``train.max_train_seconds`` was spent (running it again continues it)."""
     path = pathlib.Path(workdir) / RESULTS_FILE
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+        return None
+    if results.get("out_of_time"):
         return None
     if any(c.key not in RESULT_NEUTRAL_KEYS for c in config_diff(results["config"], config)):
         return None

@@ -122,3 +122,27 @@ def test_second_run_on_a_workdir_is_refused(tmp_path):
     assert first.returncode == 0, out1
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["epochs"] == 3 and results["resumed_from_step"] is None
+
+
+def test_time_budget_stops_tests_best_and_resume_continues(tmp_path):
+    """A spent ``max_train_seconds`` ends the run after the epoch's validation with test metrics of the best
+    parameters; the workdir is not "finished": running it again continues to the same result as a run
+    without a budget."""
+    budget = _tiny(num_epochs=3, max_train_seconds=1e-6)
+    first = _trainer(tmp_path / "b", budget).fit()
+    assert first["out_of_time"] and first["epochs"] == 1 and first["best_epoch"] == 1
+    assert set(first["test"]) >= {"hr@10", "ndcg@10"}
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["out_of_time"]
+    from recjax.train import workdir as workdir_lib
+
+    stored = tmp_path / "stored"
+    stored.mkdir()
+    for out_of_time, expected in ((False, True), (True, False)):  # same config: finished unless out of time
+        (stored / "results.json").write_text(json.dumps({"config": {"a": 1}, "out_of_time": out_of_time}))
+        assert (workdir_lib.finished_results(stored, {"a": 1}) is not None) == expected
+    resumed = _trainer(tmp_path / "b", _tiny(num_epochs=3)).fit()
+    full = _trainer(tmp_path / "full", _tiny(num_epochs=3)).fit()
+    assert not resumed["out_of_time"] and resumed["epochs"] == 3
+    assert resumed["test"] == pytest.approx(full["test"], rel=1e-6)
+    with pytest.raises(ValueError, match="max_train_seconds"):
+        train_config(_tiny(max_train_seconds=-1.0).train)
