@@ -10,7 +10,8 @@ transfer ratio per surface TR = (NE(expert|FM1) - NE(expert|FM2)) / (NE(FM1) - N
     python -m experiments.foundation_expert --config experiments/configs/foundation_expert_ml1m.py \
         --workdir runs/fe_ml1m [--seeds 0,1,2]
 
-Finished runs are reused (each Trainer workdir resumes; a sealed store version is not logged again).
+Finished runs are reused (each Trainer workdir resumes; a sealed store version is not logged again). Seeds
+run as parallel processes (one workdir each) are joined with ``--merge DIR,DIR,... --workdir OUT``.
 Writes WORKDIR/results.json and WORKDIR/table.md and prints the table.
 """
 
@@ -69,6 +70,7 @@ def _train_cfg(t, seed: int, progress: bool) -> TrainConfig:
         num_devices=1,
         progress=progress,
         checkpoint_every_epochs=1,
+        max_train_seconds=t.get("max_train_seconds", 0.0),
     )
 
 
@@ -225,6 +227,21 @@ def summarize(c, data, results: dict[int, dict]) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
+def merged_seeds(dirs: list[str]) -> dict[int, dict]:
+    """{seed: per-seed results} joined from the ``results.json`` of finished workdirs; a repeated seed is
+    refused."""
+    results: dict[int, dict] = {}
+    for d in dirs:
+        path = pathlib.Path(d) / "results.json"
+        if not path.exists():
+            raise SystemExit(f"error: --merge: {path} does not exist (run that workdir first)")
+        for seed, res in json.loads(path.read_text())["per_seed"].items():
+            if int(seed) in results:
+                raise SystemExit(f"error: --merge: seed {seed} is in more than one of {dirs}")
+            results[int(seed)] = res
+    return results
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
@@ -239,6 +256,11 @@ def main(argv=None) -> dict:
         metavar="KEY=VALUE",
         help="override a config entry, e.g. --set fm_train.num_epochs=10 (value parsed as Python)",
     )
+    p.add_argument(
+        "--merge", default="", metavar="DIR,DIR,...",
+        help="train nothing: the table over the seeds of these finished workdirs (seeds run as parallel "
+        "processes), written to --workdir",
+    )  # fmt: skip
     a = p.parse_args(argv)
     c = load_config(a.config)
     for item in a.set:
@@ -257,8 +279,11 @@ def main(argv=None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = build_data(c)
-    store = TAEStore(workdir / "store")
-    results = {s: run_seed(c, data, s, workdir, store, not a.quiet) for s in seeds}
+    if a.merge:
+        results = merged_seeds([d for d in a.merge.split(",") if d])
+    else:
+        store = TAEStore(workdir / "store")
+        results = {s: run_seed(c, data, s, workdir, store, not a.quiet) for s in seeds}
     table, summary = summarize(c, data, results)
     summary.update(config=a.config, wall_s=time.time() - t0, per_seed=results)
     (workdir / "results.json").write_text(json.dumps(summary, indent=1, default=float))

@@ -24,6 +24,7 @@ Writes ``WORKDIR/results.json`` and ``WORKDIR/table.md`` (mean ± std over seeds
     python -m experiments.mfli_experiment --workdir runs/mfli_ml1m [--config experiments/configs/mfli_ml1m.py]
         [--seeds 0,1,2] [--set train.num_epochs=50 ...]
     python -m experiments.mfli_experiment --workdir /tmp/mfli_small --small   # mfli_tiny, CPU, < 1 min
+    python -m experiments.mfli_experiment --workdir runs/mfli --merge runs/mfli_s0,runs/mfli_s1  # join seeds
 
 Letters: U test users, D dim, N items (row 0 = padding), H excluded ids per user, K list length.
 """
@@ -78,6 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ivf-clusters", type=int, default=64)
     ap.add_argument("--cold", type=float, default=0.2, help="fraction of items counted as cold")
     ap.add_argument("--small", action="store_true", help="mfli_tiny, 2 epochs, small index: CPU, < 1 min")
+    ap.add_argument(
+        "--merge", default="", metavar="DIR,DIR,...",
+        help="train nothing: join the per-seed results of these finished workdirs (seeds run as parallel "
+        "processes) into --workdir's results.json and table",
+    )  # fmt: skip
     a = ap.parse_args(argv)
     if a.small:
         a.config = a.config or SMALL_CONFIG
@@ -306,10 +312,25 @@ def run(a) -> list[SeedRun]:
     return [run_seed(config, int(s), workdir / f"s{s}", a) for s in a.seeds.split(",")]
 
 
+def merged_results(dirs: list[str]) -> list[dict]:
+    results = []
+    for d in dirs:
+        path = pathlib.Path(d) / "results.json"
+        if not path.exists():
+            raise SystemExit(f"error: --merge: {path} does not exist (run that workdir first)")
+        results += json.loads(path.read_text())["per_seed"]
+    seeds = [r["seed"] for r in results]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"error: --merge: seed repeated across the workdirs: {sorted(seeds)}")
+    return results
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    runs = run(a)
-    results = [r.result for r in runs]
+    if a.merge:
+        results = merged_results([d for d in a.merge.split(",") if d])
+    else:
+        results = [r.result for r in run(a)]
     print(write_outputs(pathlib.Path(a.workdir), a, results), flush=True)
     return {"per_seed": results}
 

@@ -211,6 +211,8 @@ def format_table(results: dict[str, Any]) -> str:
     ds = results["dataset"]
     pace = results["s_per_epoch"]  # None when this invocation trained no epoch (a finished run resumed)
     pace = "no epoch trained by this run" if pace is None else f"{pace:.2f} s/epoch"
+    if results.get("out_of_time"):  # run it again to continue
+        pace += "; stopped by train.max_train_seconds"
     lines.append(
         f"\ntest split: leave-one-out, ranked against all {ds['items']} items of {ds['name']} ({ds['users']} "
         f"users). Best validation epoch {results['best_epoch']} of {results['epochs']}; "

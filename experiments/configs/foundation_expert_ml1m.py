@@ -25,9 +25,12 @@ def get_config(arg: str = ""):
         eval_candidates=256,
         eval_batch_size=64,
         max_valid_rows=1000,
+        max_train_seconds=0.0,  # per FM training run; 0: no wall-clock budget (TrainConfig)
     )
     c.expert = dict(embed_dim=32, hidden_dim=64, history_len=10)
-    c.expert_train = dict(batch_size=512, num_epochs=20, learning_rate=1e-3, patience=3)
+    c.expert_train = dict(
+        batch_size=512, num_epochs=20, learning_rate=1e-3, patience=3, max_train_seconds=0.0
+    )
     c.seeds = (0, 1, 2)
     c.flops_candidates = 256  # candidates per request for the FLOPs column
     c.tae_dtype = "float16"

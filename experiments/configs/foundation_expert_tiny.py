@@ -27,9 +27,10 @@ def get_config(arg: str = ""):
         eval_candidates=32,
         eval_batch_size=32,
         max_valid_rows=0,
+        max_train_seconds=0.0,
     )
     c.expert = dict(embed_dim=8, hidden_dim=16, history_len=5)
-    c.expert_train = dict(batch_size=32, num_epochs=2, learning_rate=3e-3, patience=0)
+    c.expert_train = dict(batch_size=32, num_epochs=2, learning_rate=3e-3, patience=0, max_train_seconds=0.0)
     c.seeds = (0,)
     c.flops_candidates = 32
     return c

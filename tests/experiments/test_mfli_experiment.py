@@ -47,6 +47,14 @@ def test_mfli_experiment_small(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert np.isclose(saved["per_seed"][0]["mfli"]["recall@50"], r["mfli"]["recall@50"])
     assert all(f"| {m} |" in table for m in mx.METHODS)
+    # --merge joins per-seed workdirs (seeds run as parallel processes) and refuses a repeated seed
+    other = tmp_path / "other"
+    mx.write_outputs(other, a, [{**r, "seed": 7}])
+    merged = mx.main(["--workdir", str(tmp_path / "joined"), "--merge", f"{tmp_path},{other}"])
+    assert [x["seed"] for x in merged["per_seed"]] == [r["seed"], 7]
+    assert "±" in (tmp_path / "joined" / "table.md").read_text()
+    with pytest.raises(SystemExit, match="seed repeated"):
+        mx.main(["--workdir", str(tmp_path / "j2"), "--merge", f"{tmp_path},{tmp_path}"])
 
 
 def test_hits_from_lists_excludes_history_but_not_the_target():
