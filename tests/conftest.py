@@ -6,6 +6,10 @@ import zlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, its workers and the subprocesses they start (CLI runs,
+# resumed runs, notebooks): XLA's CPU compiles dominate the suite and many programs repeat across tests.
+_jaxcache = pathlib.Path(__file__).resolve().parents[1] / ".jaxcache" / "tests"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_jaxcache))
 
 _default_data = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "RECJAX_DATA_DIR" not in os.environ and _default_data.is_dir():
