@@ -6,7 +6,9 @@ memory-bandwidth floor, at the history lengths the issue names (2^12..2^14) and 
 - ``xla``: the op's XLA form (two einsums, the (B, H, R, L) weights through HBM);
 - ``pallas``: the op with ``impl="pallas"`` (includes its (B, L, H, .) -> (B, H, L, .) relayout);
 - ``kernel bl=N``: ``pallas_kernels.lime_xor`` called on (B, H, L, .) inputs directly, block_l N.
-Each row: median ms of ``--reps`` calls, the max relative error against the HIGHEST-precision reference,
+Each row: median ms of ``--reps`` single jitted calls (``ms/call``: includes ~50 us of dispatch), ms per call
+inside one jitted loop of ``--inner`` calls (``ms in loop``: the device time, compared with the floor), the
+max relative error against the HIGHEST-precision reference,
 bytes (k and v read once, + the bias when given, + q and the output) and the floor = bytes / HBM bandwidth
 (``--hbm-tbs``, default the H200's 4.8 TB/s), ``x floor`` = ms / floor: the issue's criterion is <= 1.3.
 
@@ -28,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from experiments.bench.common import timed  # noqa: E402
+from experiments.bench.common import timed, timed_in_loop  # noqa: E402
 from pallas_kernels import lime_xor as kernel  # noqa: E402
 from recjax.ops import dispatch  # noqa: E402
 from recjax.ops.lime_xor import xor_link_attention  # noqa: E402
@@ -72,17 +74,20 @@ def _impls(L: int, interpret: bool) -> dict:
     return {"xla": op("xla"), "pallas": op("pallas"), **{f"kernel bl={bl}": direct(bl) for bl in (128, 256)}}
 
 
-def _row(fn, args, ref, reps: int) -> dict:
+def _row(fn, args, ref, reps: int, inner: int) -> dict:
     try:
         out = np.asarray(fn(*args))
         err = float(np.max(np.abs(out - ref)) / (np.max(np.abs(ref)) + 1e-30))
         ms = float(np.median(timed(lambda: fn(*args), reps)) * 1e3)
-        return {"ms": ms, "rel_err": err, "note": ""}
+        loop_ms = float(np.median(timed_in_loop(fn, args, reps, inner)) * 1e3) if inner else None
+        return {"ms": ms, "loop_ms": loop_ms, "rel_err": err, "note": ""}
     except Exception as e:  # noqa: BLE001 -- a failing row is reported, the sweep goes on
         return {"ms": None, "note": type(e).__name__ + ": " + str(e).splitlines()[0][:90]}
 
 
-def measure(points, biases, reps: int, deadline_s: float, hbm_tbs: float, interpret: bool) -> list[dict]:
+def measure(
+    points, biases, reps: int, deadline_s: float, hbm_tbs: float, interpret: bool, inner: int = 50
+) -> list[dict]:
     rows, start = [], time.perf_counter()
     for B, H, R, A, L in points:
         for bias in biases:
@@ -99,7 +104,7 @@ def measure(points, biases, reps: int, deadline_s: float, hbm_tbs: float, interp
                     row.update(ms=None, note="deadline")
                 else:
                     args = (q, kt, vt, valid, b) if name.startswith("kernel") else (q, k, v, valid, b)
-                    row.update(_row(fn, args, ref, reps))
+                    row.update(_row(fn, args, ref, reps, inner))
                 rows.append(row)
                 print(_line(row, floor_ms), flush=True)
     return rows
@@ -107,11 +112,12 @@ def measure(points, biases, reps: int, deadline_s: float, hbm_tbs: float, interp
 
 def _line(r: dict, floor_ms: float) -> str:
     ms = "-" if r.get("ms") is None else f"{r['ms']:.4f}"
-    ratio = "-" if r.get("ms") is None else f"{r['ms'] / floor_ms:.1f}"
+    loop = "-" if r.get("loop_ms") is None else f"{r['loop_ms']:.4f}"
+    ratio = "-" if r.get("loop_ms") is None else f"{r['loop_ms'] / floor_ms:.1f}"
     err = "-" if r.get("rel_err") is None else f"{r['rel_err']:.1e}"
     cells = (
         r["impl"], r["B"], r["H"], r["R"], r["A"], r["L"], r["bias"], f"{r['mb']:.1f}", f"{floor_ms:.4f}",
-        ms, ratio, err, r["note"],
+        ms, loop, ratio, err, r["note"],
     )  # fmt: skip
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -123,13 +129,16 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--deadline", type=float, default=240.0, help="seconds; later rows print 'deadline'")
     ap.add_argument("--hbm-tbs", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s")
+    ap.add_argument("--inner", type=int, default=50, help="calls per jitted loop for 'ms in loop' (0: off)")
     a = ap.parse_args(argv)
     interpret = not dispatch.pallas_supported()
     print(f"device {jax.devices()[0].device_kind}; interpret={interpret}; floor at {a.hbm_tbs} TB/s")
-    print("| impl | B | H | R | A=V | L | bias | MB | floor ms | ms | x floor | rel err | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("impl", "B", "H", "R", "A=V", "L", "bias", "MB", "floor ms", "ms/call", "ms in loop", "x floor")
+    print("| " + " | ".join(head + ("rel err", "note")) + " |")
+    print("|---" * 14 + "|")
     biases = [bool(int(x)) for x in a.bias.split(",")]
-    return measure(SMALL_POINTS if a.small else POINTS, biases, a.reps, a.deadline, a.hbm_tbs, interpret)
+    points = SMALL_POINTS if a.small else POINTS
+    return measure(points, biases, a.reps, a.deadline, a.hbm_tbs, interpret, a.inner)
 
 
 if __name__ == "__main__":
