@@ -280,12 +280,19 @@ def bench_ivf(n, d, b, k, nprobes, num_clusters, reps, recall_queries, sel="auto
     sizes = np.asarray(index.num_tiles_L) * index.block_n
     print(
         f"# IVF N={n} L={num_clusters}: k-means + build {time.perf_counter() - t0:.1f} s, max cluster "
-        f"{index.max_tiles} tiles of {index.block_n}, padded rows {sizes.sum()} ({sizes.sum() / n:.2f}x)"
+        f"{index.max_tiles} tiles of {index.block_n}, padded rows {sizes.sum()} ({sizes.sum() / n:.2f}x)",
+        flush=True,
     )
     r = min(recall_queries, b)
+    t0 = time.perf_counter()
     truth = exact_float_topk(queries[:r], items, k)
+    t1 = time.perf_counter()
     truth_int8 = exact_int8_topk(queries[:r], quantize.quantize_items(items), k)
-    print(f"# exact int8 brute force: recall@{k} vs float32 {recall(truth_int8, truth):.4f}", flush=True)
+    print(
+        f"# exact int8 brute force: recall@{k} vs float32 {recall(truth_int8, truth):.4f} (ground truths "
+        f"{t1 - t0:.1f} s float32, {time.perf_counter() - t1:.1f} s int8)",
+        flush=True,
+    )
     block_q = lambda p: int8_ann.choose_block_q(max(1, b * p // num_clusters))  # noqa: E731
 
     def selection(p):
@@ -320,7 +327,12 @@ def bench_ivf(n, d, b, k, nprobes, num_clusters, reps, recall_queries, sel="auto
             )
 
         def one(run=run, p=p, chunks=chunks, per_bin=per_bin):
-            ids = run(queries)[1][:r]
+            t0 = time.perf_counter()
+            ids = np.asarray(run(queries)[1][:r])
+            print(
+                f"# nprobe={p} sel={chunks}x{per_bin}: compile + first call {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
             rec, rec_bf = recall(ids, truth), recall(ids, truth_int8)
             t = timed(lambda: run(queries), reps)
             scanned = int(p * n / num_clusters)  # items per query, on average
