@@ -67,17 +67,23 @@ class SeedRun:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from experiments.configs import base
+
+    d = base.mfli_serving()  # the one set of serving defaults (experiments.run uses the same section)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--config", default=None, help=f"default {DEFAULT_CONFIG} ({SMALL_CONFIG} with --small)")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    ap.add_argument("--upper", type=int, default=64, help="split clusters above this size")
-    ap.add_argument("--lower", type=int, default=4, help="merge clusters below this size")
-    ap.add_argument("--k-clusters", type=int, default=8, help="clusters selected per facet")
-    ap.add_argument("--candidates", type=int, default=2048, help="MFLI candidate buffer (raised to K')")
-    ap.add_argument("--ivf-clusters", type=int, default=64)
-    ap.add_argument("--cold", type=float, default=0.2, help="fraction of items counted as cold")
+    ap.add_argument("--upper", type=int, default=d.upper, help="split clusters above this size")
+    ap.add_argument("--lower", type=int, default=d.lower, help="merge clusters below this size")
+    ap.add_argument(
+        "--no-rebalance", dest="rebalance", action="store_false", help="no split/merge (clusters as trained)"
+    )
+    ap.add_argument("--k-clusters", type=int, default=d.k_clusters, help="clusters selected per facet")
+    ap.add_argument("--candidates", type=int, default=d.candidates, help="candidate buffer (raised to K')")
+    ap.add_argument("--ivf-clusters", type=int, default=d.ivf_clusters)
+    ap.add_argument("--cold", type=float, default=d.cold, help="fraction of items counted as cold")
     ap.add_argument("--small", action="store_true", help="mfli_tiny, 2 epochs, small index: CPU, < 1 min")
     ap.add_argument(
         "--merge", default="", metavar="DIR,DIR,...",
@@ -153,7 +159,10 @@ def build_index(model, a) -> tuple[mfli_index.MFLIIndex, int]:
     codes = np.asarray(model.item_codes())[1:]
     facet = np.asarray(model.quantizer.facet_inputs(items))[1:]
     n = items.shape[0]
-    cfg = mfli_index.RebalanceConfig(upper_bound=a.upper, lower_bound=a.lower)
+    if a.rebalance:
+        cfg = mfli_index.RebalanceConfig(upper_bound=a.upper, lower_bound=a.lower)
+    else:  # the split/merge ablation: clusters exactly as the codes make them
+        cfg = mfli_index.RebalanceConfig(upper_bound=None, lower_bound=0)
     index = mfli_index.build_snapshot(
         np.asarray(items)[1:], codes, facet_emb_NxFxD=facet, ids_N=np.arange(1, n),
         num_codes=model.config.codebook_size, levels=max(levels, 1), config=cfg, id_capacity=n,
@@ -257,6 +266,18 @@ def run_seed(config, seed: int, workdir: pathlib.Path, a) -> SeedRun:
     result.update(retrieval_metrics(best, task, split, a))
     result["retrieval_s"] = time.perf_counter() - t1
     return SeedRun(result, best, task)
+
+
+def serving_test_metrics(model, task, split, serving) -> dict[str, float]:
+    """``retrieval_metrics`` with the settings of a config's ``serving`` section (``base.mfli_serving``),
+    flattened to test metrics: ``{method}_recall@k``, ``{method}_cold_recall@k`` (NaN without cold users),
+    ``{method}_candidates`` for method in mfli / brute / ivf (reported by ``experiments.run``, the sweep)."""
+    r = retrieval_metrics(model, task, split, argparse.Namespace(**dict(serving)))
+    out = {}
+    for m in METHODS:
+        for name, v in r[m].items():
+            out[f"{m}_{name}"] = float("nan") if v is None else float(v)
+    return out
 
 
 def _cell(values, digits: int = 4) -> str:

@@ -161,7 +161,13 @@ def run_experiment(
         else:
             task = NextItemTask.from_config(split, tcfg, max_len=config.data.max_len, batch_iter=batch_iter)
         options = parallel.trainer_options(config, tcfg)  # row-sparse table updates, prioritized lookups
-        results = Trainer(model, task, tcfg, workdir, mesh=mesh, embedding_plan=plan, **options).fit()
+        trainer = Trainer(model, task, tcfg, workdir, mesh=mesh, embedding_plan=plan, **options)
+        results = trainer.fit()
+        if model_name == "mfli" and config.get("serving") is not None:  # serving recall of the best model
+            from experiments import mfli_experiment
+
+            serving = mfli_experiment.serving_test_metrics(trainer.best_model(), task, split, config.serving)
+            results["test"].update(serving)
         from recjax.data import batching
 
         test_batches = batching.batches(task.examples["test"], tcfg.eval_batch_size)

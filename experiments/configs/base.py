@@ -118,6 +118,24 @@ def mfli_model(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(cfg)
 
 
+def mfli_serving(**overrides) -> ml_collections.ConfigDict:
+    # After training, experiments.run (and so experiments.sweep) evaluates MFLI serving on the test users
+    # beside brute force and IVF at equal candidate count (experiments/mfli_experiment.py) and adds
+    # mfli_recall@k, ivf_recall@k, brute_recall@k, cold recalls and candidate counts to the test metrics.
+    # rebalance=False: the codes' clusters as trained (no split, no merge: the split/merge ablation).
+    cfg = {
+        "rebalance": True,
+        "upper": 64,  # split clusters above this size
+        "lower": 4,  # merge clusters below this size
+        "k_clusters": 8,  # clusters selected per facet
+        "candidates": 2048,  # candidate buffer (raised to the list length K')
+        "ivf_clusters": 64,
+        "cold": 0.2,  # fraction of items counted as cold
+    }
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
 def mfli_task(**overrides) -> ml_collections.ConfigDict:
     # MFLITask: per label type weights of the (raw + quantized) sampled softmax; quantized_weight scales the
     # quantized-embedding term.

@@ -16,4 +16,5 @@ def get_config():
         base.data_config("ml-100k"), model, base.train_config(num_epochs=201, patience=20)
     )
     config.task = base.mfli_task(label_weights={"any_rating": 1.0, "rating_ge_4": 1.0})
+    config.serving = base.mfli_serving()  # serving recall beside brute force / IVF after training
     return config

@@ -19,4 +19,5 @@ def get_config():
     model = base.mfli_model(start_step=500, level_interval=500)
     config = base.experiment(base.data_config("ml-1m"), model, base.train_config(num_epochs=101, patience=20))
     config.task = base.mfli_task()
+    config.serving = base.mfli_serving()  # serving recall beside brute force / IVF after training
     return config
