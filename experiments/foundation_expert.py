@@ -29,6 +29,7 @@ import time
 import numpy as np
 from flax import nnx
 
+from experiments import train_lib
 from recjax.data import registry
 from recjax.data import surfaces as S
 from recjax.data.tae_store import TAEStore
@@ -227,21 +228,6 @@ def summarize(c, data, results: dict[int, dict]) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
-def merged_seeds(dirs: list[str]) -> dict[int, dict]:
-    """{seed: per-seed results} joined from the ``results.json`` of finished workdirs; a repeated seed is
-    refused."""
-    results: dict[int, dict] = {}
-    for d in dirs:
-        path = pathlib.Path(d) / "results.json"
-        if not path.exists():
-            raise SystemExit(f"error: --merge: {path} does not exist (run that workdir first)")
-        for seed, res in json.loads(path.read_text())["per_seed"].items():
-            if int(seed) in results:
-                raise SystemExit(f"error: --merge: seed {seed} is in more than one of {dirs}")
-            results[int(seed)] = res
-    return results
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
@@ -256,11 +242,7 @@ def main(argv=None) -> dict:
         metavar="KEY=VALUE",
         help="override a config entry, e.g. --set fm_train.num_epochs=10 (value parsed as Python)",
     )
-    p.add_argument(
-        "--merge", default="", metavar="DIR,DIR,...",
-        help="train nothing: the table over the seeds of these finished workdirs (seeds run as parallel "
-        "processes), written to --workdir",
-    )  # fmt: skip
+    p.add_argument("--merge", default="", metavar="DIR,DIR,...", help=train_lib.MERGE_HELP)
     a = p.parse_args(argv)
     c = load_config(a.config)
     for item in a.set:
@@ -280,7 +262,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     data = build_data(c)
     if a.merge:
-        results = merged_seeds([d for d in a.merge.split(",") if d])
+        results = dict(train_lib.merged_per_seed([d for d in a.merge.split(",") if d]))
     else:
         store = TAEStore(workdir / "store")
         results = {s: run_seed(c, data, s, workdir, store, not a.quiet) for s in seeds}

@@ -85,11 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ivf-clusters", type=int, default=d.ivf_clusters)
     ap.add_argument("--cold", type=float, default=d.cold, help="fraction of items counted as cold")
     ap.add_argument("--small", action="store_true", help="mfli_tiny, 2 epochs, small index: CPU, < 1 min")
-    ap.add_argument(
-        "--merge", default="", metavar="DIR,DIR,...",
-        help="train nothing: join the per-seed results of these finished workdirs (seeds run as parallel "
-        "processes) into --workdir's results.json and table",
-    )  # fmt: skip
+    ap.add_argument("--merge", default="", metavar="DIR,DIR,...", help=train_lib.MERGE_HELP)
     a = ap.parse_args(argv)
     if a.small:
         a.config = a.config or SMALL_CONFIG
@@ -333,23 +329,10 @@ def run(a) -> list[SeedRun]:
     return [run_seed(config, int(s), workdir / f"s{s}", a) for s in a.seeds.split(",")]
 
 
-def merged_results(dirs: list[str]) -> list[dict]:
-    results = []
-    for d in dirs:
-        path = pathlib.Path(d) / "results.json"
-        if not path.exists():
-            raise SystemExit(f"error: --merge: {path} does not exist (run that workdir first)")
-        results += json.loads(path.read_text())["per_seed"]
-    seeds = [r["seed"] for r in results]
-    if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"error: --merge: seed repeated across the workdirs: {sorted(seeds)}")
-    return results
-
-
 def main(argv=None) -> dict:
     a = parse_args(argv)
     if a.merge:
-        results = merged_results([d for d in a.merge.split(",") if d])
+        results = [r for _, r in train_lib.merged_per_seed([d for d in a.merge.split(",") if d])]
     else:
         results = [r.result for r in run(a)]
     print(write_outputs(pathlib.Path(a.workdir), a, results), flush=True)

@@ -185,6 +185,30 @@ def run_experiment(
         return results
 
 
+MERGE_HELP = (
+    "train nothing: join the per-seed results of these finished workdirs (seeds run as parallel processes, "
+    "one workdir each) into --workdir's results.json and table"
+)
+
+
+def merged_per_seed(dirs: list[str]) -> list[tuple[int, Any]]:
+    """(seed, result) pairs from the ``per_seed`` entry of each workdir's ``results.json`` (a list of results
+    carrying ``"seed"``, or a ``{seed: result}`` mapping), in order; a missing file or a seed found twice is
+    an error naming it (``--merge`` of experiments.mfli_experiment / experiments.foundation_expert)."""
+    pairs: list[tuple[int, Any]] = []
+    for d in dirs:
+        path = pathlib.Path(d) / "results.json"
+        if not path.exists():
+            raise SystemExit(f"error: --merge: {path} does not exist (run that workdir first)")
+        per_seed = json.loads(path.read_text())["per_seed"]
+        items = per_seed.items() if isinstance(per_seed, dict) else ((r["seed"], r) for r in per_seed)
+        for seed, result in items:
+            if int(seed) in {s for s, _ in pairs}:
+                raise SystemExit(f"error: --merge: seed {seed} is in more than one of {dirs}")
+            pairs.append((int(seed), result))
+    return pairs
+
+
 def metric_sort_key(name: str) -> tuple:
     """Table order: hr@k, then ndcg@k (numeric k: @10 before @50 before @200), then other @k, then mrr,
     then the rest; a ``split/`` prefix is ignored."""

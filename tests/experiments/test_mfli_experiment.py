@@ -53,7 +53,7 @@ def test_mfli_experiment_small(tmp_path):
     merged = mx.main(["--workdir", str(tmp_path / "joined"), "--merge", f"{tmp_path},{other}"])
     assert [x["seed"] for x in merged["per_seed"]] == [r["seed"], 7]
     assert "±" in (tmp_path / "joined" / "table.md").read_text()
-    with pytest.raises(SystemExit, match="seed repeated"):
+    with pytest.raises(SystemExit, match="is in more than one"):
         mx.main(["--workdir", str(tmp_path / "j2"), "--merge", f"{tmp_path},{tmp_path}"])
 
 

@@ -1,11 +1,12 @@
-"""experiments.foundation_expert --merge: seeds trained as parallel processes (one workdir each) are joined
-into one table; a seed present in two workdirs is refused."""
+"""--merge of experiments.foundation_expert / mfli_experiment (train_lib.merged_per_seed): seeds trained as
+parallel processes (one workdir each) are joined, in order, from either per-seed layout; a seed present in
+two workdirs and a missing workdir are refused."""
 
 import json
 
 import pytest
 
-from experiments import foundation_expert as fe
+from experiments.train_lib import merged_per_seed
 
 
 def _workdir(path, per_seed):
@@ -17,9 +18,11 @@ def _workdir(path, per_seed):
 def test_merge_joins_seeds_and_refuses_a_repeated_seed(tmp_path):
     a = _workdir(tmp_path / "a", {"0": {"expert": {"s/auc": 0.7}}})
     b = _workdir(tmp_path / "b", {"1": {"expert": {"s/auc": 0.8}}, "2": {"expert": {"s/auc": 0.9}}})
-    merged = fe.merged_seeds([a, b])
+    merged = dict(merged_per_seed([a, b]))
     assert sorted(merged) == [0, 1, 2] and merged[2]["expert"]["s/auc"] == 0.9
+    c = _workdir(tmp_path / "c", [{"seed": 5, "x": 1}, {"seed": 3, "x": 2}])  # mfli_experiment's layout
+    assert [s for s, _ in merged_per_seed([c, a])] == [5, 3, 0]
     with pytest.raises(SystemExit, match="seed 0 is in more than one"):
-        fe.merged_seeds([a, a])
+        merged_per_seed([a, a])
     with pytest.raises(SystemExit, match="does not exist"):
-        fe.merged_seeds([str(tmp_path / "missing")])
+        merged_per_seed([str(tmp_path / "missing")])
