@@ -24,18 +24,21 @@ def timed(fn: Callable[[], object], reps: int, warmup: int = 2) -> np.ndarray:
 def timed_in_loop(fn: Callable[..., object], args: tuple, reps: int, inner: int = 50) -> np.ndarray:
     """Seconds per call of ``fn(*args)`` measured as ``inner`` calls inside one jitted ``fori_loop`` (so the
     ~50 us of Python dispatch and launch per jitted call is paid once per ``inner`` calls): ``reps`` samples.
-    Each iteration's first argument depends on the previous output (a 1e-30 multiple of its sum), so XLA
-    can neither hoist the call out of the loop nor drop it. The first argument must be a float array."""
+    The arguments ride in the loop carry through ``lax.optimization_barrier`` each iteration, so nothing that
+    depends on them (the call, or any relayout inside it) can be hoisted out of the loop, and the outputs
+    are summed into the carry, so the call cannot be dropped; the inputs are never modified."""
     import jax.numpy as jnp
 
-    first, rest = args[0], args[1:]
+    if inner < 1:
+        raise ValueError(f"inner: expected >= 1 calls per loop, got {inner}")
 
     @jax.jit
-    def loop(first, *rest):
-        def body(_, acc):
-            out = fn((first + acc * 1e-30).astype(first.dtype), *rest)
-            return sum(jnp.sum(x).astype(jnp.float32) for x in jax.tree.leaves(out)) * 1e-30
+    def loop(*args):
+        def body(_, carry):
+            args, acc = jax.lax.optimization_barrier(carry)
+            out = fn(*args)
+            return args, acc + sum(jnp.sum(x).astype(jnp.float32) for x in jax.tree.leaves(out))
 
-        return jax.lax.fori_loop(0, inner, body, jnp.float32(0))
+        return jax.lax.fori_loop(0, inner, body, (args, jnp.float32(0)))[1]
 
-    return timed(lambda: loop(first, *rest), reps) / inner
+    return timed(lambda: loop(*args), reps) / inner

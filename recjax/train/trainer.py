@@ -80,8 +80,9 @@ class TrainConfig:
     nonfinite: str = "error"  # or "skip"; see the module docstring
     donate: bool = True  # donate the state to the step (False only to measure what donation saves)
     # Wall-clock budget of this process's training loop, checked at epoch ends (0: none). When spent, the
-    # run stops after that epoch's validation and checkpoint, tests the best parameters and reports
-    # "out_of_time"; a resumed run gets the budget afresh and goes on training.
+    # run stops after that epoch's validation, saves a checkpoint (whatever the cadence), tests the best
+    # parameters and reports "out_of_time"; a resumed run gets the budget afresh and goes on training.
+    # Needs checkpoints (a cadence > 0): without them a second run could only start over.
     max_train_seconds: float = 0.0
     loss: LossConfig = LossConfig()
 
@@ -97,6 +98,11 @@ class TrainConfig:
                 raise ValueError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"train.learning_rate: expected > 0, got {self.learning_rate}")
+        if self.max_train_seconds and not (self.checkpoint_every_epochs or self.checkpoint_every_steps):
+            raise ValueError(
+                f"train.max_train_seconds={self.max_train_seconds} needs checkpoints to continue the run: set "
+                "train.checkpoint_every_epochs (or checkpoint_every_steps) > 0"
+            )
         if self.nonfinite not in NONFINITE_MODES:
             raise ValueError(f"train.nonfinite: expected one of {NONFINITE_MODES}, got {self.nonfinite!r}")
         if not self.ks or min(self.ks) < 1:
@@ -532,12 +538,15 @@ class Trainer:
                 self._validate(writer, epoch + 1)
             elif not cfg.eval_every_epochs:  # no validation: the last parameters are the ones tested
                 lp["best_epoch"] = epoch + 1
-            if cfg.checkpoint_every_epochs and (
-                (epoch + 1) % cfg.checkpoint_every_epochs == 0 or epoch + 1 == cfg.num_epochs or lp["stopped"]
+            out_of_time = bool(cfg.max_train_seconds) and time.time() - t_start >= cfg.max_train_seconds
+            if (cfg.checkpoint_every_epochs or out_of_time) and (  # a run out of time is saved to continue
+                out_of_time
+                or (epoch + 1) % cfg.checkpoint_every_epochs == 0
+                or epoch + 1 == cfg.num_epochs
+                or lp["stopped"]
             ):
                 self._save()
             writer.flush()  # a killed run keeps every finished epoch's metrics on disk
-            out_of_time = bool(cfg.max_train_seconds) and time.time() - t_start >= cfg.max_train_seconds
             if out_of_time and lp["epoch"] < cfg.num_epochs and not lp["stopped"] and cfg.progress:
                 tqdm.write(f"epoch {lp['epoch']}: train.max_train_seconds={cfg.max_train_seconds} spent")
         if not cfg.eval_every_epochs:  # copied once, at the end (a resume re-runs this line too)

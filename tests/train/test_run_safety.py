@@ -128,7 +128,8 @@ def test_time_budget_stops_tests_best_and_resume_continues(tmp_path):
     """A spent ``max_train_seconds`` ends the run after the epoch's validation with test metrics of the best
     parameters; the workdir is not "finished": running it again continues to the same result as a run
     without a budget."""
-    budget = _tiny(num_epochs=3, max_train_seconds=1e-6)
+    # checkpoints every 2 epochs: the run out of time after epoch 1 saves anyway, so the second run continues
+    budget = _tiny(num_epochs=3, max_train_seconds=1e-6, checkpoint_every_epochs=2)
     first = _trainer(tmp_path / "b", budget).fit()
     assert first["out_of_time"] and first["epochs"] == 1 and first["best_epoch"] == 1
     assert set(first["test"]) >= {"hr@10", "ndcg@10"}
@@ -140,9 +141,11 @@ def test_time_budget_stops_tests_best_and_resume_continues(tmp_path):
     for out_of_time, expected in ((False, True), (True, False)):  # same config: finished unless out of time
         (stored / "results.json").write_text(json.dumps({"config": {"a": 1}, "out_of_time": out_of_time}))
         assert (workdir_lib.finished_results(stored, {"a": 1}) is not None) == expected
-    resumed = _trainer(tmp_path / "b", _tiny(num_epochs=3)).fit()
+    resumed = _trainer(tmp_path / "b", _tiny(num_epochs=3, checkpoint_every_epochs=2)).fit()
     full = _trainer(tmp_path / "full", _tiny(num_epochs=3)).fit()
-    assert not resumed["out_of_time"] and resumed["epochs"] == 3
+    assert not resumed["out_of_time"] and resumed["epochs"] == 3 and resumed["resumed_from_step"] > 0
     assert resumed["test"] == pytest.approx(full["test"], rel=1e-6)
     with pytest.raises(ValueError, match="max_train_seconds"):
         train_config(_tiny(max_train_seconds=-1.0).train)
+    with pytest.raises(ValueError, match="max_train_seconds=5.0 needs checkpoints"):
+        train_config(_tiny(max_train_seconds=5.0, checkpoint_every_epochs=0).train)
