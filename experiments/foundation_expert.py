@@ -71,7 +71,7 @@ def _train_cfg(t, seed: int, progress: bool) -> TrainConfig:
         num_devices=1,
         progress=progress,
         checkpoint_every_epochs=1,
-        max_train_seconds=t.get("max_train_seconds", 0.0),
+        max_train_seconds=t.get("max_train_seconds", TrainConfig.max_train_seconds),
     )
 
 
@@ -109,17 +109,25 @@ def run_seed(c, data, seed: int, workdir: pathlib.Path, store: TAEStore, progres
         )
         res = trainer.fit()
         out[f"fm{blocks}"] = res["test"]
+        out.setdefault("out_of_time", {})[f"fm{blocks}"] = bool(res.get("out_of_time"))
+        # The note names the FM's training state: a time-budgeted FM that trained on in a later run is a
+        # different model, and its experts must not read the TAE logged from the earlier one.
+        note = f"fm {blocks} blocks, best epoch {res['best_epoch']} of {res['epochs']}, {res['steps']} steps"
         info = store.versions().get(version)
         if info is not None and not info["sealed"]:
             raise RuntimeError(
                 f"store version {version} was left unsealed by an interrupted run; remove "
                 f"{store.path / f'v{version}'} and its manifest entry (or the store) and rerun"
             )
+        if info is not None and info["note"] != note:
+            raise RuntimeError(
+                f"store version {version} holds the TAE of another state of this FM ({info['note']!r}; the "
+                f"FM is now at {note!r}: a time-budgeted run went on training); its experts were trained on "
+                "the old TAE. Start the seed afresh (--fresh, or a new --workdir)"
+            )
         if info is None:
             best = trainer.best_model()
-            store.create_version(
-                version, best.config.embed_dim, dtype=c.tae_dtype, note=f"fm {blocks} blocks"
-            )
+            store.create_version(version, best.config.embed_dim, dtype=c.tae_dtype, note=note)
             for name, imp in imps.items():  # training requests are narrow (a positive and its negatives)
                 width = fm_task.num_candidates if name == "train" else ft.eval_candidates
                 F.log_tae(
@@ -225,6 +233,10 @@ def summarize(c, data, results: dict[int, dict]) -> tuple[str, dict]:
         "from the seed means:"
     )
     lines += [f"- {s}: {summary['surfaces'][s]['transfer_ratio']:.3f}" for s in data.surfaces.names]
+    cut = [f"seed {s} {fm}" for s in results for fm, v in results[s].get("out_of_time", {}).items() if v]
+    summary["fm_out_of_time"] = cut
+    if cut:
+        lines.append(f"\nFMs stopped by fm_train.max_train_seconds (not fully trained): {', '.join(cut)}")
     return "\n".join(lines), summary
 
 

@@ -221,8 +221,8 @@ def check(blocks, dtype, interpret_ok):
             err = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
             worst = max(worst, err)
             print(f"check {act:6s} recompute={recompute!s:5s} {name:9s} max|err|/max|ref| = {err:.2e}")
-    # float32 on a GPU: Triton's dots run in TF32 (10-bit mantissa, ~5e-4 relative per product; measured 5.3e-4
-    # on an H200, 2026-12-02), interpret mode on a CPU in full float32.
+    # float32 on a GPU: Triton's dots run in TF32 (10-bit mantissa, ~5e-4 relative per product; 5.3e-4
+    # measured on an H200, 2026-12-02); interpret mode on a CPU runs full float32.
     tol = 3e-2 if dtype == jnp.bfloat16 else (1e-4 if interpret_ok else 2e-3)
     print(f"CHECK {'PASS' if worst < tol else 'FAIL'} worst {worst:.2e} (tol {tol})")
     return worst < tol

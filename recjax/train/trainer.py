@@ -100,8 +100,8 @@ class TrainConfig:
             raise ValueError(f"train.learning_rate: expected > 0, got {self.learning_rate}")
         if self.max_train_seconds and not (self.checkpoint_every_epochs or self.checkpoint_every_steps):
             raise ValueError(
-                f"train.max_train_seconds={self.max_train_seconds} needs checkpoints to continue the run: set "
-                "train.checkpoint_every_epochs (or checkpoint_every_steps) > 0"
+                f"train.max_train_seconds={self.max_train_seconds} needs checkpoints to continue the run: "
+                "set train.checkpoint_every_epochs (or checkpoint_every_steps) > 0"
             )
         if self.nonfinite not in NONFINITE_MODES:
             raise ValueError(f"train.nonfinite: expected one of {NONFINITE_MODES}, got {self.nonfinite!r}")
