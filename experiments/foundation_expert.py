@@ -274,12 +274,17 @@ def main(argv=None) -> dict:
     t0 = time.time()
     data = build_data(c)
     if a.merge:
-        results = dict(train_lib.merged_per_seed([d for d in a.merge.split(",") if d]))
+        dirs = [d for d in a.merge.split(",") if d]
+        pairs, settings = train_lib.merged_per_seed(dirs, ("config", "set"))
+        if pathlib.Path(settings["config"]).resolve() != pathlib.Path(a.config).resolve():
+            raise SystemExit(f"error: --merge: {dirs[0]} ran --config {settings['config']}, not {a.config}")
+        a.set = settings["set"]  # the table's FLOPs and notes follow the runs' settings
+        results = dict(pairs)
     else:
         store = TAEStore(workdir / "store")
         results = {s: run_seed(c, data, s, workdir, store, not a.quiet) for s in seeds}
     table, summary = summarize(c, data, results)
-    summary.update(config=a.config, wall_s=time.time() - t0, per_seed=results)
+    summary.update(config=a.config, set=a.set, wall_s=time.time() - t0, per_seed=results)
     (workdir / "results.json").write_text(json.dumps(summary, indent=1, default=float))
     (workdir / "table.md").write_text(table + "\n")
     print(table)

@@ -231,7 +231,8 @@ def retrieval_metrics(model, task, split, a) -> dict[str, Any]:
         {"before": dataclasses.asdict(s0), "after": dataclasses.asdict(s1)}
         for s0, s1 in zip(index.stats_before, index.stats_after, strict=True)
     ]
-    out["upper_bound"], out["lower_bound"] = a.upper, a.lower
+    out["rebalance"] = bool(a.rebalance)  # without it no bound was applied
+    out["upper_bound"], out["lower_bound"] = (a.upper, a.lower) if a.rebalance else (None, None)
     return out
 
 
@@ -258,21 +259,22 @@ def run_seed(config, seed: int, workdir: pathlib.Path, a) -> SeedRun:
     best = trainer.best_model()
     t1 = time.perf_counter()
     result = {"seed": seed, "train_s": t1 - t0, "test": fit["test"], "best_epoch": fit.get("best_epoch")}
+    result.update(epochs=fit["epochs"], out_of_time=bool(fit.get("out_of_time")))
     result["code_metrics"] = task.code_metrics(best)
     result.update(retrieval_metrics(best, task, split, a))
     result["retrieval_s"] = time.perf_counter() - t1
     return SeedRun(result, best, task)
 
 
-def serving_test_metrics(model, task, split, serving) -> dict[str, float]:
+def serving_test_metrics(model: nnx.Module, task, split, serving) -> dict[str, float | None]:
     """``retrieval_metrics`` with the settings of a config's ``serving`` section (``base.mfli_serving``),
-    flattened to test metrics: ``{method}_recall@k``, ``{method}_cold_recall@k`` (NaN without cold users),
+    flattened to test metrics: ``{method}_recall@k``, ``{method}_cold_recall@k`` (None without cold users),
     ``{method}_candidates`` for method in mfli / brute / ivf (reported by ``experiments.run``, the sweep)."""
     r = retrieval_metrics(model, task, split, argparse.Namespace(**dict(serving)))
     out = {}
     for m in METHODS:
         for name, v in r[m].items():
-            out[f"{m}_{name}"] = float("nan") if v is None else float(v)
+            out[f"{m}_{name}"] = None if v is None else float(v)
     return out
 
 
@@ -299,7 +301,14 @@ def format_tables(results: list[dict]) -> str:
         f"{r0['k_clusters']} clusters per facet, buffer {r0['max_candidates']}; "
         f"IVF nprobe {r0['ivf_nprobe']}; lists of {r0['list_length']} before history removal."
     )
+    trained = [f"{r['seed']}: best epoch {r.get('best_epoch')} of {r.get('epochs', '?')}" for r in results]
+    cut = [str(r["seed"]) for r in results if r.get("out_of_time")]
+    lines.append(
+        f"Training per seed ({'; '.join(trained)})"
+        + (f"; stopped by train.max_train_seconds: seeds {', '.join(cut)}." if cut else ".")
+    )
     lines += ["", "| facet | clusters | max/mean | Gini | max size (upper bound) |", "|---|---|---|---|---|"]
+    bound = r0["upper_bound"] if r0.get("rebalance", True) else "no split/merge"
     for f in range(len(r0["balance"])):
         b = [r["balance"][f] for r in results]
 
@@ -309,15 +318,21 @@ def format_tables(results: list[dict]) -> str:
 
         lines.append(
             f"| {f} | {pair('num_clusters', 0)} | {pair('max_over_mean')} | {pair('gini')} | "
-            f"{pair('max_size', 0)} ({r0['upper_bound']}) |"
+            f"{pair('max_size', 0)} ({bound}) |"
         )
     return "\n".join(lines)
 
 
-def write_outputs(workdir: pathlib.Path, a, results: list[dict]) -> str:
+def run_settings(a) -> dict[str, Any]:
+    """What must agree between workdirs joined by --merge: the config, its overrides, the index flags."""
+    args = {k: v for k, v in vars(a).items() if k not in ("workdir", "seeds", "merge")}
+    return {"config": a.config, "set": a.set, "args": args}
+
+
+def write_outputs(workdir: pathlib.Path, a, results: list[dict], settings: dict | None = None) -> str:
     table = format_tables(results)
     workdir.mkdir(parents=True, exist_ok=True)
-    summary = {"config": a.config, "set": a.set, "args": vars(a), "per_seed": results}
+    summary = {**(settings or run_settings(a)), "per_seed": results}
     (workdir / "results.json").write_text(json.dumps(summary, indent=1, default=float))
     (workdir / "table.md").write_text(table + "\n")
     return table
@@ -331,11 +346,14 @@ def run(a) -> list[SeedRun]:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    settings = None
     if a.merge:
-        results = [r for _, r in train_lib.merged_per_seed([d for d in a.merge.split(",") if d])]
+        dirs = [d for d in a.merge.split(",") if d]
+        pairs, settings = train_lib.merged_per_seed(dirs, ("config", "set", "args"))
+        results = [r for _, r in pairs]
     else:
         results = [r.result for r in run(a)]
-    print(write_outputs(pathlib.Path(a.workdir), a, results), flush=True)
+    print(write_outputs(pathlib.Path(a.workdir), a, results, settings), flush=True)
     return {"per_seed": results}
 
 

@@ -122,6 +122,7 @@ def run_sweep(
             row.update(status="ok", error="")
             row.update({f"test/{m}": v for m, v in res["test"].items()})
             row.update(best_epoch=res["best_epoch"], wall_s=round(res["wall_s"], 1))
+            row["out_of_time"] = bool(res.get("out_of_time"))  # stopped by train.max_train_seconds
         rows.append(row)
         write_tables(rows, out, metric, echo=False)  # after each run: a killed sweep keeps what finished
     write_tables(rows, out, metric)
@@ -162,6 +163,9 @@ def write_tables(rows: list[dict], out: pathlib.Path, metric: str, *, echo: bool
             v = np.array([r[m] for r in ok if m in r], dtype=float)
             cells.append(f"{v.mean():.4f} ± {v.std():.4f}" if len(v) else "–")
         status = "ok" if not failed else "; ".join(f"seed {r['seed']}: {r['error']}" for r in failed)
+        cut = [str(r["seed"]) for r in ok if r.get("out_of_time")]
+        if cut:  # still in the means: what the budget allowed, flagged
+            status += f"; stopped by train.max_train_seconds: seeds {', '.join(cut)}"
         seeds = f"{len(ok)}" if not failed else f"{len(ok)} of {len(mine)}"
         lines.append(f"| {run} | {seeds} | " + " | ".join(cells) + f" | {status.replace('|', '/')} |")
         key = f"test/{metric}"

@@ -58,6 +58,34 @@ def check_model_config(config: ml_collections.ConfigDict) -> None:
     unknown = sorted(set(task_cfg) - set(allowed))
     if unknown:
         raise ValueError(f"task: unknown settings {unknown} for model {name!r}; valid: {sorted(allowed)}")
+    check_serving_config(name, config.get("serving"))
+
+
+def check_serving_config(model_name: str, serving) -> None:
+    """The optional ``serving`` section (MFLI only; ``base.mfli_serving`` has its keys and defaults)."""
+    if serving is None:
+        return
+    from experiments.configs import base
+
+    if model_name != "mfli":
+        raise ValueError(
+            f"serving: only MFLI models have a serving evaluation, this config's is {model_name!r}"
+        )
+    keys, expected = set(serving), set(base.mfli_serving())
+    if keys != expected:
+        raise ValueError(
+            f"serving: unknown keys {sorted(keys - expected)}, missing {sorted(expected - keys)}; expected "
+            f"exactly {sorted(expected)} (experiments/configs/base.py: mfli_serving)"
+        )
+    if not 0 < serving["cold"] < 1:
+        raise ValueError(f"serving.cold: expected a fraction in (0, 1), got {serving['cold']}")
+    for key in ("upper", "k_clusters", "candidates", "ivf_clusters"):
+        if serving[key] < 1:
+            raise ValueError(f"serving.{key}: expected >= 1, got {serving[key]}")
+    if not 0 <= serving["lower"] <= serving["upper"]:
+        raise ValueError(
+            f"serving.lower: expected 0 <= lower <= upper={serving['upper']}, got {serving['lower']}"
+        )
 
 
 def _lime_task(split, tcfg, config, batch_iter):
@@ -191,22 +219,35 @@ MERGE_HELP = (
 )
 
 
-def merged_per_seed(dirs: list[str]) -> list[tuple[int, Any]]:
+def merged_per_seed(
+    dirs: list[str], same: tuple[str, ...] = ()
+) -> tuple[list[tuple[int, Any]], dict[str, Any]]:
     """(seed, result) pairs from the ``per_seed`` entry of each workdir's ``results.json`` (a list of results
-    carrying ``"seed"``, or a ``{seed: result}`` mapping), in order; a missing file or a seed found twice is
-    an error naming it (``--merge`` of experiments.mfli_experiment / experiments.foundation_expert)."""
+    carrying ``"seed"``, or a ``{seed: result}`` mapping), in order, and the entries named by ``same`` (the
+    run's settings), which must be equal in every workdir. A missing file, a seed found twice or settings
+    that differ are errors naming them (``--merge`` of experiments.mfli_experiment / foundation_expert)."""
     pairs: list[tuple[int, Any]] = []
+    settings: dict[str, Any] | None = None
     for d in dirs:
         path = pathlib.Path(d) / "results.json"
         if not path.exists():
             raise SystemExit(f"error: --merge: {path} does not exist (run that workdir first)")
-        per_seed = json.loads(path.read_text())["per_seed"]
+        stored = json.loads(path.read_text())
+        mine = {k: stored.get(k) for k in same}
+        if settings is None:
+            settings = mine
+        for k in same:
+            if mine[k] != settings[k]:
+                raise SystemExit(
+                    f"error: --merge: {d} was run with {k}={mine[k]!r}, {dirs[0]} with {settings[k]!r}"
+                )
+        per_seed = stored["per_seed"]
         items = per_seed.items() if isinstance(per_seed, dict) else ((r["seed"], r) for r in per_seed)
         for seed, result in items:
             if int(seed) in {s for s, _ in pairs}:
                 raise SystemExit(f"error: --merge: seed {seed} is in more than one of {dirs}")
             pairs.append((int(seed), result))
-    return pairs
+    return pairs, settings or {}
 
 
 def metric_sort_key(name: str) -> tuple:

@@ -33,3 +33,29 @@ def test_sweep_reports_serving_recall_and_split_merge_switch(tmp_path):
     assert not math.isclose(on["test/mfli_candidates"], off["test/mfli_candidates"])
     table = (tmp_path / "results.md").read_text()
     assert "mfli_recall@50" in table and "serving.rebalance" in (tmp_path / "results.csv").read_text()
+
+
+def test_bad_serving_section_is_refused_before_training():
+    import pytest
+
+    from experiments.train_lib import check_model_config
+
+    for change, message in (
+        ({"cold": 1.0}, "serving.cold: expected a fraction"),
+        ({"lower": 100}, "serving.lower: expected 0 <= lower <= upper=32"),
+        ({"k_clusters": 0}, "serving.k_clusters: expected >= 1"),
+    ):
+        config = _config()
+        config.serving.update(change)
+        with pytest.raises(ValueError, match=message):
+            check_model_config(config)
+    config = _config()
+    config.serving.extra = 1
+    with pytest.raises(ValueError, match=r"serving: unknown keys \['extra'\]"):
+        check_model_config(config)
+    from experiments.configs import synthetic_tiny
+
+    other = synthetic_tiny.get_config()
+    other.serving = base.mfli_serving()
+    with pytest.raises(ValueError, match="only MFLI models"):
+        check_model_config(other)

@@ -91,3 +91,13 @@ def test_metric_columns_in_numeric_order(tmp_path):
     csv_header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
     metrics = ["hr@10", "hr@50", "hr@200", "ndcg@10", "ndcg@50", "ndcg@200", "mrr"]
     assert csv_header[4:] == [f"test/{m}" for m in metrics] + ["wall_s"]
+
+
+def test_runs_stopped_by_the_time_budget_are_flagged_and_kept_in_the_means(tmp_path):
+    rows = [
+        {"run": "a", "seed": s, "status": "ok", "error": "", "test/hr@10": v, "out_of_time": cut}
+        for s, v, cut in ((0, 0.2, False), (1, 0.4, True))
+    ]
+    sweep.write_tables(rows, tmp_path, "hr@10", echo=False)
+    line = (tmp_path / "results.md").read_text().splitlines()[2]
+    assert line == "| a | 2 | 0.3000 ± 0.1000 | ok; stopped by train.max_train_seconds: seeds 1 |"
