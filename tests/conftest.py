@@ -6,10 +6,15 @@ import zlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the session, its workers and the subprocesses they start (CLI runs,
-# resumed runs, notebooks): XLA's CPU compiles dominate the suite and many programs repeat across tests.
+# A persistent compilation cache per xdist worker, shared with the subprocesses that worker starts one at a
+# time (CLI runs, resumed runs, notebooks): XLA's CPU compiles dominate the suite and programs repeat across
+# tests. Per worker because JAX writes entries without a lock (no filelock installed): two processes
+# compiling the same program at once could read a half-written entry. Tests that start processes running
+# side by side drop the variable (tests/sharding/test_multiprocess.py).
 _jaxcache = pathlib.Path(__file__).resolve().parents[1] / ".jaxcache" / "tests"
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_jaxcache))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(_jaxcache / os.environ.get("PYTEST_XDIST_WORKER", "main"))
+)
 
 _default_data = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "RECJAX_DATA_DIR" not in os.environ and _default_data.is_dir():

@@ -28,6 +28,7 @@ def _free_port() -> int:
 def test_two_processes_match_one(tmp_path):
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # two processes compiling at once: no shared unlocked cache
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), f"--process_id={i}", f"--port={port}", f"--out={tmp_path}"],
