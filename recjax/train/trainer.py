@@ -538,7 +538,12 @@ class Trainer:
                 self._validate(writer, epoch + 1)
             elif not cfg.eval_every_epochs:  # no validation: the last parameters are the ones tested
                 lp["best_epoch"] = epoch + 1
-            out_of_time = bool(cfg.max_train_seconds) and time.time() - t_start >= cfg.max_train_seconds
+            out_of_time = (  # the budget is spent and the run would otherwise go on
+                bool(cfg.max_train_seconds)
+                and time.time() - t_start >= cfg.max_train_seconds
+                and lp["epoch"] < cfg.num_epochs
+                and not lp["stopped"]
+            )
             if (cfg.checkpoint_every_epochs or out_of_time) and (  # a run out of time is saved to continue
                 out_of_time
                 or (epoch + 1) % cfg.checkpoint_every_epochs == 0
@@ -547,7 +552,7 @@ class Trainer:
             ):
                 self._save()
             writer.flush()  # a killed run keeps every finished epoch's metrics on disk
-            if out_of_time and lp["epoch"] < cfg.num_epochs and not lp["stopped"] and cfg.progress:
+            if out_of_time and cfg.progress:
                 tqdm.write(f"epoch {lp['epoch']}: train.max_train_seconds={cfg.max_train_seconds} spent")
         if not cfg.eval_every_epochs:  # copied once, at the end (a resume re-runs this line too)
             self.best = _best_copy(self.state)
@@ -562,7 +567,7 @@ class Trainer:
             "steps": self.loop_step,
             "skipped_steps": lp["skipped_steps"],
             "stopped_early": bool(lp["stopped"]),
-            "out_of_time": out_of_time and lp["epoch"] < cfg.num_epochs and not lp["stopped"],
+            "out_of_time": out_of_time,
             "wall_s": time.time() - t_start,
             "s_per_epoch": float(np.median(epoch_times)) if epoch_times else None,  # None: no epoch ran
             "devices": f"{self.mesh.shape['data']} x {jax.devices()[0].platform}",
