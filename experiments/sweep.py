@@ -2,8 +2,20 @@
 (markdown + CSV, mean ± std over seeds) and a bar plot.
 
 ``python -m experiments.sweep --config=experiments/configs/X.py --sweep=model.num_blocks=1,2
---sweep=train.learning_rate=1e-3,3e-3 --seeds=0,1 --out=runs/sweep-X [--metric=hr@10]``
-Each axis is ``dotted.key=v1,v2,...``; the runs are the cartesian product of the axes times the seeds.
+--sweep=train.learning_rate=1e-3,3e-3 --seeds=0,1 --out=runs/sweep-X [--metric=hr@10]
+[--mode=ablation] [--workers=4]``
+Each axis is ``dotted.key=v1,v2,...``. ``--mode=grid`` (default): the runs are the cartesian product of the
+axes times the seeds. ``--mode=ablation``: one change at a time -- the base config (run ``base``) plus each
+axis value alone; a value equal to the base config's is the base run, so four one-factor ablations share
+one base run instead of training it four times.
+
+``--workers=N`` trains N settings at once, one process each (``--shard=i/N``: every N-th setting from the
+i-th; logs in ``out/worker<i>.log``); on one GPU each worker gets ``0.9 / N`` of its memory
+(``XLA_PYTHON_CLIENT_MEM_FRACTION``) unless that variable is set. Small models leave a GPU mostly idle
+between kernel launches, so N processes finish N settings in far less than N times one's wall. The parent
+rewrites the tables from the finished workdirs while the workers run and once all have ended
+(``--collect``: the same tables without training anything). Each run's workdir is its own, so a sweep
+killed and started again skips the finished runs and continues the others from their checkpoints.
 
 Every setting is checked before the first one trains: each value is parsed to the type of the config's
 current value and each combination's train and model configs are built (an unknown key names the closest
@@ -18,8 +30,13 @@ import copy
 import csv
 import dataclasses
 import itertools
+import json
+import os
 import pathlib
+import signal
+import subprocess
 import sys
+import time
 import traceback
 
 import ml_collections
@@ -29,12 +46,18 @@ from ml_collections import config_flags
 
 from experiments import overrides
 from experiments.train_lib import ordered_metrics, run_experiment
+from recjax.train import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:argument]")
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "axis: dotted.key=v1,v2,...")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "seeds (train.seed) for every combination")
 _OUT = flags.DEFINE_string("out", "runs/sweep", "output directory")
 _METRIC = flags.DEFINE_string("metric", "hr@10", "test metric plotted")
+MODES = ("grid", "ablation")
+_MODE = flags.DEFINE_enum("mode", "grid", list(MODES), "grid: axes product; ablation: one change at a time")
+_WORKERS = flags.DEFINE_integer("workers", 1, "settings trained at once, one process each")
+_SHARD = flags.DEFINE_string("shard", "", "i/N: every N-th setting from the i-th (a worker's part)")
+_COLLECT = flags.DEFINE_bool("collect", False, "train nothing: the tables from the finished workdirs")
 
 
 def parse_axis(spec: str) -> tuple[str, list[str]]:
@@ -64,10 +87,39 @@ class Setting:
     config: ml_collections.ConfigDict
 
 
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"i/N"`` -> (i, N) with 0 <= i < N; ValueError naming ``--shard``."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard: expected 'i/N' (e.g. 0/4), got {spec!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {spec}: expected 0 <= i < N")
+    return i, n
+
+
+def _combos(config, axes, mode: str) -> list[tuple[tuple[str, str], ...]]:
+    if mode == "grid":
+        return list(itertools.product(*[[(k, v) for v in vs] for k, vs in axes])) or [()]
+    if mode != "ablation":
+        raise ValueError(f"--mode: expected one of {MODES}, got {mode!r}")
+    combos: list[tuple[tuple[str, str], ...]] = [()]
+    for key, values in axes:
+        node, leaf = overrides.lookup(config, key)
+        for v in values:
+            if overrides.parse_value(node[leaf], v) != node[leaf]:  # the base value is the base run
+                combos.append(((key, v),))
+    return combos
+
+
 def plan(
-    config: ml_collections.ConfigDict, axes: list[tuple[str, list[str]]], seeds: list[int]
+    config: ml_collections.ConfigDict,
+    axes: list[tuple[str, list[str]]],
+    seeds: list[int],
+    mode: str = "grid",
 ) -> list[Setting]:
-    """Every setting of the sweep, each validated (ValueError naming the setting) before any trains."""
+    """Every setting of the sweep (``mode``: ``grid`` or ``ablation``, see the module docstring), each
+    validated (ValueError naming the setting) before any trains."""
     for key, values in axes:
         spec = f"--sweep {key}={','.join(values)}"
         if not values:
@@ -82,8 +134,7 @@ def plan(
             except ValueError as e:
                 raise ValueError(f"{spec}: {e}") from None
     settings = []
-    combos = list(itertools.product(*[[(k, v) for v in vs] for k, vs in axes])) or [()]
-    for combo in combos:
+    for combo in _combos(config, axes, mode):
         name = "_".join(f"{k.split('.')[-1]}-{v}" for k, v in combo) or "base"
         for seed in seeds:
             cfg = copy.deepcopy(config)
@@ -99,34 +150,128 @@ def plan(
     return settings
 
 
+def _workdir(out: pathlib.Path, s: Setting) -> pathlib.Path:
+    return out / f"{s.name}_seed{s.seed}"
+
+
+def _ok_row(row: dict, res: dict) -> dict:
+    row.update(status="ok", error="")
+    row.update({f"test/{m}": v for m, v in res["test"].items()})
+    row.update(best_epoch=res["best_epoch"], wall_s=round(res["wall_s"], 1))
+    row["out_of_time"] = bool(res.get("out_of_time"))  # stopped by train.max_train_seconds
+    return row
+
+
 def run_sweep(
     config,
     axes: list[tuple[str, list[str]]],
     seeds: list[int],
     out: str | pathlib.Path,
     metric: str = "hr@10",
+    *,
+    mode: str = "grid",
+    shard: tuple[int, int] = (0, 1),
 ) -> list[dict]:
-    """Runs every setting (all validated first); returns one row per run, failed ones with their error."""
+    """Runs every setting (all validated first), or a worker's part ``shard = (i, N)``: every N-th from the
+    i-th; returns one row per run, failed ones with their error. The whole sweep writes ``out``'s tables;
+    a worker writes its rows to ``out/worker<i>.json`` (the parent's :func:`collect` reads the errors)."""
     out = pathlib.Path(out)
-    settings = plan(config, axes, seeds)
+    settings = plan(config, axes, seeds, mode)
+    i0, n = shard
+    mine = settings[i0::n]
     rows = []
-    for i, s in enumerate(settings):
-        print(f"[{i + 1}/{len(settings)}] {s.name} seed {s.seed}", flush=True)
+    for i, s in enumerate(mine):
+        print(f"[{i + 1}/{len(mine)}] {s.name} seed {s.seed}", flush=True)
         row = {"run": s.name, "seed": s.seed, **s.axes}
         try:
-            res = run_experiment(s.config, out / f"{s.name}_seed{s.seed}")
+            res = run_experiment(s.config, _workdir(out, s))
         except Exception as e:  # one failing setting must not cost the others
             traceback.print_exc()
             row.update(status="error", error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
         else:
-            row.update(status="ok", error="")
-            row.update({f"test/{m}": v for m, v in res["test"].items()})
-            row.update(best_epoch=res["best_epoch"], wall_s=round(res["wall_s"], 1))
-            row["out_of_time"] = bool(res.get("out_of_time"))  # stopped by train.max_train_seconds
+            _ok_row(row, res)
         rows.append(row)
-        write_tables(rows, out, metric, echo=False)  # after each run: a killed sweep keeps what finished
-    write_tables(rows, out, metric)
+        if n == 1:
+            write_tables(rows, out, metric, echo=False)  # after each run: a killed sweep keeps what finished
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            workdir_lib.write_json_atomic(out / f"worker{i0}.json", rows)
+    if n == 1:
+        write_tables(rows, out, metric)
     return rows
+
+
+def collect(
+    config,
+    axes: list[tuple[str, list[str]]],
+    seeds: list[int],
+    out: str | pathlib.Path,
+    metric: str = "hr@10",
+    *,
+    mode: str = "grid",
+    echo: bool = True,
+) -> list[dict]:
+    """The sweep's rows from its workdirs' ``results.json`` (runs cut by ``train.max_train_seconds``
+    included, flagged), trains nothing, writes the tables. A setting without results is an error row with
+    the worker's error when a ``worker<i>.json`` has one, else ``not finished``."""
+    out = pathlib.Path(out)
+    errors = {}
+    for path in sorted(out.glob("worker*.json")):
+        try:
+            for r in json.loads(path.read_text()):
+                if r.get("status") == "error":
+                    errors[(r["run"], r["seed"])] = r["error"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a torn or foreign file: its settings read as not finished
+    rows = []
+    for s in plan(config, axes, seeds, mode):
+        row = {"run": s.name, "seed": s.seed, **s.axes}
+        config_dict = json.loads(s.config.to_json_best_effort())  # as run_experiment stores it
+        res = workdir_lib.finished_results(_workdir(out, s), config_dict, accept_out_of_time=True)
+        if res is not None:
+            _ok_row(row, res)
+        else:
+            row.update(status="error", error=errors.get((s.name, s.seed), "not finished"))
+        rows.append(row)
+    write_tables(rows, out, metric, echo=echo)
+    return rows
+
+
+def run_workers(
+    argv: list[str], workers: int, out: str | pathlib.Path, report, poll_s: float = 10.0
+) -> list[int]:
+    """Starts ``workers`` processes ``python -m experiments.sweep <argv> --shard=i/N``, calls ``report()``
+    every ``poll_s`` while they run (the parent's table refresh), returns their exit codes. SIGTERM /
+    SIGINT of the parent stops the workers (their finished runs and checkpoints stay)."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / workers:.3f}")
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # the parent only reads results: the GPU is the workers'
+    procs = []
+    for i in range(workers):
+        log = open(out / f"worker{i}.log", "w")  # noqa: SIM115 -- closed after the process ends
+        cmd = [sys.executable, "-m", "experiments.sweep", *argv, "--workers=1", f"--shard={i}/{workers}"]
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+
+    def stop(signum, frame):
+        for p, _ in procs:
+            p.terminate()
+        raise SystemExit(f"sweep stopped by signal {signum}; the workers were terminated")
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while any(p.poll() is None for p, _ in procs):
+            time.sleep(poll_s)
+            report()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for _, log in procs:
+            log.close()
+    return [p.returncode for p, _ in procs]
 
 
 def _columns(rows: list[dict]) -> list[str]:
@@ -203,10 +348,26 @@ def main(argv):
     try:
         axes = [parse_axis(s) for s in _SWEEP.value]
         seeds = parse_seeds(_SEEDS.value)
-        plan(_CONFIG.value, axes, seeds)  # fail before anything trains (run_sweep plans again, cheaply)
+        shard = parse_shard(_SHARD.value) if _SHARD.value else (0, 1)
+        if _WORKERS.value < 1:
+            raise ValueError(f"--workers: expected >= 1, got {_WORKERS.value}")
+        if _WORKERS.value > 1 and _SHARD.value:
+            raise ValueError("--workers and --shard: give one (the workers get their shards)")
+        # fail before anything trains (run_sweep plans again, cheaply)
+        plan(_CONFIG.value, axes, seeds, _MODE.value)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    rows = run_sweep(_CONFIG.value, axes, seeds, _OUT.value, _METRIC.value)
+    args = (_CONFIG.value, axes, seeds, _OUT.value, _METRIC.value)
+    if _COLLECT.value:
+        rows = collect(*args, mode=_MODE.value)
+    elif _WORKERS.value > 1:
+        report = lambda: collect(*args, mode=_MODE.value, echo=False)  # noqa: E731
+        codes = run_workers(sys.argv[1:], _WORKERS.value, _OUT.value, report)
+        rows = collect(*args, mode=_MODE.value)
+        if any(codes):
+            print(f"worker exit codes {codes} (logs: {_OUT.value}/worker<i>.log)", file=sys.stderr)
+    else:
+        rows = run_sweep(*args, mode=_MODE.value, shard=shard)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         sys.exit(f"error: {len(failed)} of {len(rows)} runs failed (see {_OUT.value}/results.md)")

@@ -316,11 +316,14 @@ def resume_message(step: int, epoch: int, batch: int = 0) -> str:
     return f"resumed from step {step} ({where})"
 
 
-def finished_results(workdir: str | os.PathLike, config: Mapping[str, Any]) -> dict[str, Any] | None:
+def finished_results(
+    workdir: str | os.PathLike, config: Mapping[str, Any], *, accept_out_of_time: bool = False
+) -> dict[str, Any] | None:
     """The parsed ``workdir/results.json`` when it records a finished run of ``config`` (its ``"config"``
     entry equal up to ``RESULT_NEUTRAL_KEYS``); ``None`` when absent, unreadable, without a config, or
     written with another config (e.g. ``train.num_epochs`` raised to continue the run), or when the run
-    stopped because ``train.max_train_seconds`` was spent (running it again continues it)."""
+    stopped because ``train.max_train_seconds`` was spent (running it again continues it) unless
+    ``accept_out_of_time`` (a report that reads results without training: experiments.sweep's workers)."""
     path = pathlib.Path(workdir) / RESULTS_FILE
     try:
         results = json.loads(path.read_text())
@@ -328,7 +331,7 @@ def finished_results(workdir: str | os.PathLike, config: Mapping[str, Any]) -> d
         return None
     if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
         return None
-    if results.get("out_of_time"):
+    if results.get("out_of_time") and not accept_out_of_time:
         return None
     if any(c.key not in RESULT_NEUTRAL_KEYS for c in config_diff(results["config"], config)):
         return None

@@ -141,6 +141,7 @@ def test_time_budget_stops_tests_best_and_resume_continues(tmp_path):
     for out_of_time, expected in ((False, True), (True, False)):  # same config: finished unless out of time
         (stored / "results.json").write_text(json.dumps({"config": {"a": 1}, "out_of_time": out_of_time}))
         assert (workdir_lib.finished_results(stored, {"a": 1}) is not None) == expected
+        assert workdir_lib.finished_results(stored, {"a": 1}, accept_out_of_time=True) is not None
     resumed = _trainer(tmp_path / "b", _tiny(num_epochs=3, checkpoint_every_epochs=2)).fit()
     full = _trainer(tmp_path / "full", _tiny(num_epochs=3)).fit()
     assert not resumed["out_of_time"] and resumed["epochs"] == 3 and resumed["resumed_from_step"] > 0
