@@ -19,8 +19,9 @@ AXES = [("model.num_blocks", ["1", "2"]), ("train.learning_rate", ["0.003", "0.0
 def test_ablation_mode_shares_the_base_run():
     config = synthetic_tiny.get_config()  # num_blocks 1, learning_rate 3e-3: the base values
     settings = sweep.plan(config, AXES, [0, 1], "ablation")
-    names = [s.name for s in settings]
-    assert names == ["base", "base", "num_blocks-2", "num_blocks-2", "learning_rate-0.01", "learning_rate-0.01"]
+    names = [s.name for s in settings[::2]]
+    assert names == ["base", "num_blocks-2", "learning_rate-0.01"]
+    assert [s.seed for s in settings[:2]] == [0, 1]
     by_name = {s.name: s for s in settings}
     assert by_name["base"].config.model.num_blocks == 1 and by_name["base"].axes == {}
     assert by_name["num_blocks-2"].config.train.learning_rate == pytest.approx(3e-3)  # one change only
