@@ -10,8 +10,8 @@ axis value alone; a value equal to the base config's is the base run, so four on
 one base run instead of training it four times.
 
 ``--workers=N`` trains N settings at once, one process each (``--shard=i/N``: every N-th setting from the
-i-th; logs in ``out/worker<i>.log``); on one GPU each worker gets ``0.9 / N`` of its memory
-(``XLA_PYTHON_CLIENT_MEM_FRACTION``) unless that variable is set. Small models leave a GPU mostly idle
+i-th; logs in ``out/worker<i>.log``); on one GPU each worker may take up to ``0.8 / N`` of its memory
+(``XLA_PYTHON_CLIENT_MEM_FRACTION``, not preallocated) unless those variables are set. Small models leave a GPU mostly idle
 between kernel launches, so N processes finish N settings in far less than N times one's wall. The parent
 rewrites the tables from the finished workdirs while the workers run and once all have ended
 (``--collect``: the same tables without training anything). Each run's workdir is its own, so a sweep
@@ -246,7 +246,9 @@ def run_workers(
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / workers:.3f}")
+    # Each process also holds ~1 GB of CUDA / cuBLAS context outside the pool: 0.8 / N leaves room for it.
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.8 / workers:.3f}")
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # take the pool as needed, up to the cap
     import jax
 
     jax.config.update("jax_platforms", "cpu")  # the parent only reads results: the GPU is the workers'
