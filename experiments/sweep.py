@@ -11,11 +11,12 @@ one base run instead of training it four times.
 
 ``--workers=N`` trains N settings at once, one process each (``--shard=i/N``: every N-th setting from the
 i-th; logs in ``out/worker<i>.log``); on one GPU each worker may take up to ``0.8 / N`` of its memory
-(``XLA_PYTHON_CLIENT_MEM_FRACTION``, not preallocated) unless those variables are set. Small models leave a GPU mostly idle
-between kernel launches, so N processes finish N settings in far less than N times one's wall. The parent
-rewrites the tables from the finished workdirs while the workers run and once all have ended
-(``--collect``: the same tables without training anything). Each run's workdir is its own, so a sweep
-killed and started again skips the finished runs and continues the others from their checkpoints.
+(``XLA_PYTHON_CLIENT_MEM_FRACTION``, not preallocated) unless those variables are set. Small models leave a
+GPU mostly idle between kernel launches, so N processes finish N settings in far less than N times one's
+wall (18 MFLI ML-1M runs at once on one H200: ~390 s each, benchmarks/RESULTS.md). The parent rewrites the
+tables from the finished workdirs while the workers run and once all have ended (``--collect``: the same
+tables without training anything). Each run's workdir is its own, so a sweep killed and started again skips
+the finished runs and continues the others from their checkpoints.
 
 Every setting is checked before the first one trains: each value is parsed to the type of the config's
 current value and each combination's train and model configs are built (an unknown key names the closest
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
@@ -52,7 +54,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "axis: dotted.key=v1,v2,...")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "seeds (train.seed) for every combination")
 _OUT = flags.DEFINE_string("out", "runs/sweep", "output directory")
-_METRIC = flags.DEFINE_string("metric", "hr@10", "test metric plotted")
+_METRIC = flags.DEFINE_string("metric", "hr@10", "test metric(s) plotted, comma-separated")
+_COLUMNS = flags.DEFINE_list("columns", [], "test metrics shown in results.md (default: all; CSV has all)")
 MODES = ("grid", "ablation")
 _MODE = flags.DEFINE_enum("mode", "grid", list(MODES), "grid: axes product; ablation: one change at a time")
 _WORKERS = flags.DEFINE_integer("workers", 1, "settings trained at once, one process each")
@@ -171,6 +174,7 @@ def run_sweep(
     *,
     mode: str = "grid",
     shard: tuple[int, int] = (0, 1),
+    columns: Sequence[str] | None = None,
 ) -> list[dict]:
     """Runs every setting (all validated first), or a worker's part ``shard = (i, N)``: every N-th from the
     i-th; returns one row per run, failed ones with their error. The whole sweep writes ``out``'s tables;
@@ -192,12 +196,14 @@ def run_sweep(
             _ok_row(row, res)
         rows.append(row)
         if n == 1:
-            write_tables(rows, out, metric, echo=False)  # after each run: a killed sweep keeps what finished
+            write_tables(
+                rows, out, metric, echo=False, columns=columns
+            )  # after each run: a killed sweep keeps what finished
         else:
             out.mkdir(parents=True, exist_ok=True)
             workdir_lib.write_json_atomic(out / f"worker{i0}.json", rows)
     if n == 1:
-        write_tables(rows, out, metric)
+        write_tables(rows, out, metric, columns=columns)
     return rows
 
 
@@ -210,6 +216,7 @@ def collect(
     *,
     mode: str = "grid",
     echo: bool = True,
+    columns: Sequence[str] | None = None,
 ) -> list[dict]:
     """The sweep's rows from its workdirs' ``results.json`` (runs cut by ``train.max_train_seconds``
     included, flagged), trains nothing, writes the tables. A setting without results is an error row with
@@ -233,7 +240,7 @@ def collect(
         else:
             row.update(status="error", error=errors.get((s.name, s.seed), "not finished"))
         rows.append(row)
-    write_tables(rows, out, metric, echo=echo)
+    write_tables(rows, out, metric, echo=echo, columns=columns)
     return rows
 
 
@@ -284,23 +291,40 @@ def _columns(rows: list[dict]) -> list[str]:
     return lead + metrics + [k for k in ("best_epoch", "wall_s") if k in keys]
 
 
-def write_tables(rows: list[dict], out: pathlib.Path, metric: str, *, echo: bool = True) -> None:
-    """results.csv (one row per run), results.md (mean ± std over the seeds that finished, status) and
-    a bar plot of ``metric``."""
+def _names(spec: str | Sequence[str] | None) -> list[str]:
+    if spec is None:
+        return []
+    items = spec.split(",") if isinstance(spec, str) else spec
+    return [m.strip() for m in items if m.strip()]
+
+
+def write_tables(
+    rows: list[dict],
+    out: pathlib.Path,
+    metric: str | Sequence[str],
+    *,
+    echo: bool = True,
+    columns: str | Sequence[str] | None = None,
+) -> None:
+    """results.csv (one row per run, every metric), results.md (mean ± std over the seeds that finished,
+    status; only the test metrics named in ``columns`` when given, in that order) and a bar plot of
+    ``metric`` (several, comma-separated: grouped bars, the file named after the first)."""
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    columns = _columns(rows)
+    all_columns = _columns(rows)
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer = csv.DictWriter(f, fieldnames=all_columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    metrics = [k for k in columns if k.startswith("test/")]
+    metrics = [k for k in all_columns if k.startswith("test/")]
+    if _names(columns):
+        metrics = [f"test/{m}" for m in _names(columns)]
     runs = list(dict.fromkeys(r["run"] for r in rows))
     lines = [
         "| run | seeds | " + " | ".join(m[5:] for m in metrics) + " | status |",
         "|---" * (len(metrics) + 3) + "|",
     ]
-    plotted, means, stds = [], [], []
+    plotted: dict[str, dict[str, tuple[float, float]]] = {}  # run -> metric -> (mean, std)
     for run in runs:
         mine = [r for r in rows if r["run"] == run]
         ok = [r for r in mine if r.get("status", "ok") == "ok"]
@@ -315,30 +339,39 @@ def write_tables(rows: list[dict], out: pathlib.Path, metric: str, *, echo: bool
             status += f"; stopped by train.max_train_seconds: seeds {', '.join(cut)}"
         seeds = f"{len(ok)}" if not failed else f"{len(ok)} of {len(mine)}"
         lines.append(f"| {run} | {seeds} | " + " | ".join(cells) + f" | {status.replace('|', '/')} |")
-        key = f"test/{metric}"
-        if ok and key in metrics:
-            plotted.append(run)
-            means.append(np.mean([r[key] for r in ok]))
-            stds.append(np.std([r[key] for r in ok]))
+        for m in _names(metric):
+            v = [r[f"test/{m}"] for r in ok if f"test/{m}" in r]
+            if v:
+                plotted.setdefault(run, {})[m] = (float(np.mean(v)), float(np.std(v)))
     (out / "results.md").write_text("\n".join(lines) + "\n")
     if plotted:
-        _plot(plotted, means, stds, out, metric)
+        _plot(plotted, _names(metric), out)
     if echo:
         print("\n".join(lines))
 
 
-def _plot(runs: list[str], means: list[float], stds: list[float], out: pathlib.Path, metric: str) -> None:
+def _plot(values: dict[str, dict[str, tuple[float, float]]], metrics: list[str], out: pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(runs)), 3.5))
-    ax.bar(range(len(runs)), means, yerr=stds, capsize=4)
+    runs = list(values)
+    width = 0.8 / len(metrics)
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(runs) * max(1, len(metrics) / 2)), 3.5))
+    for j, m in enumerate(metrics):
+        pts = [(i, *values[r][m]) for i, r in enumerate(runs) if m in values[r]]
+        if pts:
+            x, mean, std = zip(*pts, strict=True)
+            ax.bar(
+                np.array(x) + (j - (len(metrics) - 1) / 2) * width, mean, width, yerr=std, capsize=3, label=m
+            )
     ax.set_xticks(range(len(runs)), runs, rotation=30, ha="right")
-    ax.set_ylabel(f"test {metric}")
+    ax.set_ylabel("test " + (metrics[0] if len(metrics) == 1 else "metric"))
+    if len(metrics) > 1:
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / f"{metric.replace('@', '_at_')}.png", dpi=120)
+    fig.savefig(out / f"{metrics[0].replace('@', '_at_')}.png", dpi=120)
     plt.close(fig)
 
 
@@ -360,16 +393,17 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     args = (_CONFIG.value, axes, seeds, _OUT.value, _METRIC.value)
+    kw = dict(mode=_MODE.value, columns=_COLUMNS.value)
     if _COLLECT.value:
-        rows = collect(*args, mode=_MODE.value)
+        rows = collect(*args, **kw)
     elif _WORKERS.value > 1:
-        report = lambda: collect(*args, mode=_MODE.value, echo=False)  # noqa: E731
+        report = lambda: collect(*args, **kw, echo=False)  # noqa: E731
         codes = run_workers(sys.argv[1:], _WORKERS.value, _OUT.value, report)
-        rows = collect(*args, mode=_MODE.value)
+        rows = collect(*args, **kw)
         if any(codes):
             print(f"worker exit codes {codes} (logs: {_OUT.value}/worker<i>.log)", file=sys.stderr)
     else:
-        rows = run_sweep(*args, mode=_MODE.value, shard=shard)
+        rows = run_sweep(*args, **kw, shard=shard)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         sys.exit(f"error: {len(failed)} of {len(rows)} runs failed (see {_OUT.value}/results.md)")

@@ -12,7 +12,11 @@ eval mode, float32, the same width D, layers and heads):
   same mask written densely, O((L + C)^2) per layer (what a plain target-attention transformer costs).
 A row whose inputs do not fit (or that fails) prints ``-`` with the reason; each model has a deadline.
 
-Usage: python experiments/bench/lime.py [--small] [--out DIR]   (--small: a CPU-sized grid for the tests)
+Usage: python experiments/bench/lime.py [--small] [--out DIR] [--models a,b] [--inner N]
+(--small: a CPU-sized grid for the tests). ``ms``: median wall of single jitted calls (what a request waits,
+dispatch included); ``--inner N`` adds ``ms in loop``: N calls inside one jitted loop
+(``common.timed_in_loop``), the device time of a call without the per-call dispatch -- it tells launch
+overhead from kernel time.
 FLOPs beside each row: the matmul FLOPs of one forward (2 per multiply-add), counted from the shapes.
 """
 
@@ -32,7 +36,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from experiments.bench.common import timed  # noqa: E402
+from experiments.bench.common import timed, timed_in_loop  # noqa: E402
 from recjax.layers.target_aware import candidate_attention_mask  # noqa: E402
 from recjax.models.hstu import HSTU, HSTUConfig  # noqa: E402
 from recjax.models.lime import LIME, LimeConfig  # noqa: E402
@@ -56,6 +60,7 @@ class Grid:
     fixed_candidates: int = 1024
     reps: int = 10
     deadline_s: float = 60.0  # per model
+    inner: int = 0  # calls per jitted loop for "ms in loop" (0: not measured)
 
 
 SMALL = Grid(
@@ -162,6 +167,9 @@ def measure(model: str, g: Grid, points: list[tuple[int, int]]) -> list[dict]:
             t = timed(lambda h=hist, m=mask, c=cand: run(state, h, m, c), g.reps)
             ms = float(np.median(t) * 1e3)
             rows.append({**row, "ms": ms, "tflops": row["gflop"] / ms, "note": ""})
+            if g.inner:
+                loop = timed_in_loop(run, (state, hist, mask, cand), g.reps, g.inner)
+                rows[-1]["ms_loop"] = float(np.median(loop) * 1e3)
         except Exception as e:  # noqa: BLE001 -- a row that does not fit is reported, the sweep goes on
             rows.append({**row, "ms": None, "note": type(e).__name__ + ": " + str(e).splitlines()[0][:80]})
         print(_line(rows[-1]), flush=True)
@@ -170,8 +178,9 @@ def measure(model: str, g: Grid, points: list[tuple[int, int]]) -> list[dict]:
 
 def _line(r: dict) -> str:
     ms = "-" if r["ms"] is None else f"{r['ms']:.3f}"
+    loop = "-" if r.get("ms_loop") is None else f"{r['ms_loop']:.4f}"
     tf = "-" if r.get("tflops") is None else f"{r['tflops']:.2f}"
-    cells = (r["model"], r["history"], r["candidates"], ms, f"{r['gflop']:.3f}", tf, r["note"])
+    cells = (r["model"], r["history"], r["candidates"], ms, loop, f"{r['gflop']:.3f}", tf, r["note"])
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
@@ -211,16 +220,19 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--out", default="benchmarks")
     ap.add_argument("--models", default=",".join(MODELS), help=f"of {MODELS + EXTRA_MODELS}")
+    ap.add_argument("--inner", type=int, default=0, help="calls per jitted loop for 'ms in loop' (0: off)")
     args = ap.parse_args(argv)
+    if args.inner < 0:
+        ap.error(f"--inner: expected >= 0 calls per loop, got {args.inner}")
     unknown = sorted(set(args.models.split(",")) - set(MODELS + EXTRA_MODELS))
     if unknown:
         ap.error(f"--models: unknown {unknown}; expected names of {MODELS + EXTRA_MODELS}")
-    g = SMALL if args.small else Grid()
+    g = dataclasses.replace(SMALL if args.small else Grid(), inner=args.inner)
     points = sorted(
         {(g.fixed_history, c) for c in g.candidates} | {(h, g.fixed_candidates) for h in g.histories}
     )
     print(f"device {jax.devices()[0].device_kind}; {g}")
-    print("| model | history | candidates | ms | GFLOP | TFLOP/s | note |\n|---|---|---|---|---|---|---|")
+    print("| model | history | candidates | ms | ms in loop | GFLOP | TFLOP/s | note |\n" + "|---" * 8 + "|")
     rows = []
     for model in args.models.split(","):
         rows += measure(model, g, points)
@@ -228,7 +240,8 @@ def main(argv=None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     tag = "small" if args.small else "full"
     with open(out / f"lime_latency_{tag}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["model", "history", "candidates", "ms", "gflop", "tflops", "note"])
+        fields = ["model", "history", "candidates", "ms", "ms_loop", "gflop", "tflops", "note"]
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows({k: r.get(k) for k in w.fieldnames} for r in rows)
     plot(rows, g, out / "plots" / f"lime_latency_{tag}.png")
