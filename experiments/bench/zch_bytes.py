@@ -1,0 +1,156 @@
+"""MPZCH byte count (issue 16, item 1): the identity-table sectors one lookup and one insert-or-find of the
+Pallas kernel actually read per ID, counted exactly from a real table (filled by the plain-JAX reference,
+so the two-choice placement is the kernel's) -- no GPU needed; the counts are a property of the probe
+pattern, the table state and the batch, not of the card.
+
+The kernel (``pallas_kernels/zch.py``, pass 1) runs one program per ``block`` lanes; each step every lane
+gathers ``width`` consecutive int64 slots of each of its K windows (K = 2 for two-choice: 2 x 64 B = 4
+sectors of 32 B, aligned), and the program steps until *every* lane found its ID (lookups of stored IDs) or
+the windows end. The loads are not masked once a lane has found its ID, so a lane pays its program's
+slowest lane. Printed per (load, stream):
+- ``steps lane`` / ``steps prog``: mean steps a lane needs vs mean steps its program runs;
+- ``sectors/ID``: identity sectors the kernel reads per ID (program steps x K x 2), ``masked``: the same if
+  each lane stopped at its own hit (lane steps x K x 2), ``ideal``: one sector per hit (an ID stored in the
+  sector its probe reads first, the issue's target) and a sector per step to the windows' end for a miss;
+- ``unique``: distinct sectors holding the batch's IDs, per ID (the ideal's DRAM traffic if L2 absorbs every
+  repeat: Zipf);
+- ``bytes/ID``: kernel sectors x 32 B + 8 B ID read + 4 B slot write.
+Insert-or-find with ``--new-frac`` new IDs at random lanes: a program holding a new ID reads its windows to
+the end (a miss scans everything), plus the batch dedupe (stable argsort of int64 keys; modelled, not
+counted: ``SORT_PASSES`` radix passes reading and writing 8 B key + 4 B index, as XLA's GPU sort does for
+64-bit keys -- an assumption to check against a profile).
+
+  PYTHONPATH=. python experiments/bench/zch_bytes.py                       # 1M slots, loads 0.5 / 0.9
+  PYTHONPATH=. python experiments/bench/zch_bytes.py --slots 65536 --bucket-size 16384 --batch 8192  # tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
+from experiments.bench.zch import fill, stream  # noqa: E402
+from pallas_kernels import zch as kz  # noqa: E402
+from pallas_kernels import zch_reference as kzr  # noqa: E402
+
+SECTOR = 32  # bytes
+SLOT = 8  # int64 identity word
+SORT_PASSES = 8  # radix passes of a 64-bit key sort (8-bit digits); modelled
+
+
+def window_offsets(table, ids, *, num_buckets, max_probe, probing):
+    """-> (offset of each ID in the window holding it, -1 if absent; K windows; window length; slot)."""
+    bucket_size = table.shape[0] // num_buckets
+    k_windows, length, _ = kzr.geometry(bucket_size, max_probe, probing)
+    ids_j = jnp.asarray(ids)
+    base, starts = kzr.probe_windows(ids_j, num_buckets, bucket_size, max_probe, probing)
+    slot = np.asarray(kzr.lookup_reference_i64(table, ids_j, num_buckets=num_buckets, max_probe=max_probe,
+                                               probing=probing))  # fmt: skip
+    base, starts = np.asarray(base), [np.asarray(s) for s in starts]
+    offset = np.full(len(ids), -1, np.int64)
+    found = slot >= 0
+    for s in starts:
+        j = (slot - base - s) % bucket_size
+        hit = found & (offset < 0) & (j < length)
+        offset[hit] = j[hit]
+    return offset, k_windows, length, slot
+
+
+def count(offset, k_windows, length, *, block, width, ids_slots=None):
+    """Per-ID sector counts of one batch (lanes in order, ``block`` per program); offset -1 = a miss."""
+    full = -(-length // width)
+    lane = np.where(offset >= 0, offset // width + 1, full)
+    pad = (-len(lane)) % block
+    prog = np.concatenate([lane, np.zeros(pad, lane.dtype)]).reshape(-1, block).max(axis=1)
+    prog_per_lane = np.repeat(prog, block)[: len(lane)]
+    per_step = k_windows * (width * SLOT // SECTOR)  # sectors a lane reads per step
+    out = {
+        "steps lane": lane.mean(),
+        "steps prog": prog_per_lane.mean(),
+        "sectors/ID": (prog_per_lane * per_step).mean(),
+        "masked": (lane * per_step).mean(),
+        # ideal: a hit costs the 1 sector holding the ID, a miss reads its windows one sector at a time
+        "ideal": np.where(offset >= 0, 1.0, k_windows * length * SLOT / SECTOR).mean(),
+    }
+    if ids_slots is not None:  # distinct sectors the batch touches (L2 absorbing every repeat)
+        out["unique"] = len(np.unique(ids_slots // (SECTOR // SLOT))) / len(offset)
+    out["bytes/ID"] = out["sectors/ID"] * SECTOR + 8 + 4
+    return out
+
+
+def measure(args) -> list[dict]:
+    rows = []
+    rng = np.random.default_rng(args.seed)
+    num_buckets = args.slots // args.bucket_size
+    kw = dict(num_buckets=num_buckets, max_probe=args.max_probe, probing=args.probing)
+    ins = jax.jit(functools.partial(kz.insert_or_find_reference_i64, **kw), donate_argnums=0)
+    table = jnp.full((args.slots,), kz.EMPTY, jnp.int64)
+    stored = np.zeros((0,), np.int64)
+    for load in sorted(args.loads):
+        target = int(round(load * args.slots))
+        table, stored, n_full, _ = fill(ins, table, rng, target, args.fill_batch, stored)
+        real = len(stored) / args.slots
+        for dist in args.dists:
+            q = stream(rng, stored, args.batch, dist)
+            offset, k, length, slots = window_offsets(table, q, **kw)
+            if (offset < 0).any():
+                raise AssertionError(f"{dist} at load {real:.3f}: a stored ID was not found")
+            c = count(offset, k, length, block=args.block, width=args.width, ids_slots=slots)
+            rows.append({"op": "lookup", "load": real, "dist": dist, "full": n_full, **c})
+            new = rng.random(args.batch) < args.new_frac
+            off_ins = np.where(new, -1, offset)  # a new ID: absent, its windows read to the end
+            c = count(off_ins, k, length, block=args.block, width=args.width)
+            # the batch dedupe before the kernel (two-choice): sort passes over key + index, modelled
+            c["sort B/ID"] = SORT_PASSES * 2 * (8 + 4)
+            c["bytes/ID"] += c["sort B/ID"] + 8 * new.mean()  # + the new IDs' identity writes
+            rows.append({"op": "insert-or-find", "load": real, "dist": dist, "full": n_full, **c})
+    return rows
+
+
+def print_table(rows, args) -> None:
+    print(
+        f"# slots {args.slots}, bucket {args.bucket_size}, max_probe {args.max_probe} ({args.probing}), "
+        f"block {args.block} lanes, width {args.width} slots, batch {args.batch}, new {args.new_frac}"
+    )
+    cols = ["steps lane", "steps prog", "sectors/ID", "masked", "ideal", "unique", "sort B/ID", "bytes/ID"]
+    print("| op | load | dist | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 3) + "|")
+    for r in rows:
+        cells = [f"{r[c]:.2f}" if c in r else "-" for c in cols]
+        print(f"| {r['op']} | {r['load']:.3f} | {r['dist']} | " + " | ".join(cells) + " |")
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slots", type=int, default=1 << 20)
+    ap.add_argument("--bucket-size", type=int, default=65536)
+    ap.add_argument("--max-probe", type=int, default=128)
+    ap.add_argument("--probing", default="two_choice", choices=kz.PROBINGS)
+    ap.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.9])
+    ap.add_argument("--dists", nargs="+", default=["uniform", "zipf"])
+    ap.add_argument("--batch", type=int, default=1 << 16)
+    ap.add_argument("--block", type=int, default=None, help="lanes per program (default: the kernel's)")
+    ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--new-frac", type=float, default=0.01)
+    ap.add_argument("--fill-batch", type=int, default=1 << 16)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.slots % args.bucket_size:
+        ap.error(f"--slots {args.slots}: expected a multiple of --bucket-size {args.bucket_size}")
+    args.block = kz.default_block(args.probing, args.block)
+    with jax.enable_x64(True):
+        rows = measure(args)
+    print_table(rows, args)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
