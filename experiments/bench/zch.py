@@ -7,6 +7,8 @@ reference on CPU where interpret mode is too slow). IDs that find every window f
 are the measured *collisions* (target: 0 up to L = 0.9 with max_probe = 128). Then, unless
 ``--collisions-only``, per batch size N and ID stream (``zipf``: exponent 1.05 over the stored IDs by rank;
 ``uniform`` over the stored IDs) it times:
+- a plain random gather of N slots of the same table (``gather``: one random 8 B read per ID, the bar a
+  lookup is judged against -- issue 16);
 - lookup (read only) of N stored IDs (checked: every ID found, in a slot holding it);
 - insert-or-find of N IDs of which ``--new-frac`` are new, at random lanes (the table is donated and fed back,
   each rep inserting fresh IDs, so the load creeps up by new_frac N / S per rep; the first rep is checked:
@@ -135,7 +137,10 @@ def time_point(args, fns, table, stored, rng, probing, n_slots, load, peak):
             got = np.asarray(look(table, q))
             if not (got >= 0).all():
                 print(f"# CHECK FAILED lookup {probing}: {int((got < 0).sum())} stored IDs not found")
-            ops = [("lookup", "pallas", lambda r, q=q: look(table, q))]
+            # the card's bar (issue 16): one random int64 read per ID from the same table, same batch size
+            rows = jnp.asarray(rng.integers(0, n_slots, n), jnp.int32)
+            ops = [("gather", "xla", lambda r, rows=rows: GATHER(table, rows))]
+            ops += [("lookup", "pallas", lambda r, q=q: look(table, q))]
             ops += [
                 (f"lookup w{w}", "pallas", lambda r, q=q, f=f: f(table, q)) for w, f in look_widths.items()
             ]
@@ -171,6 +176,7 @@ def time_point(args, fns, table, stored, rng, probing, n_slots, load, peak):
 
 
 START = time.perf_counter()
+GATHER = jax.jit(lambda table, rows: table[rows])  # a plain random gather: the per-ID floor of a lookup
 
 
 def past_deadline(args, what: str) -> bool:
