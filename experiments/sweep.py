@@ -13,7 +13,7 @@ one base run instead of training it four times.
 i-th; logs in ``out/worker<i>.log``); on one GPU each worker may take up to ``0.8 / N`` of its memory
 (``XLA_PYTHON_CLIENT_MEM_FRACTION``, not preallocated) unless those variables are set. Small models leave a
 GPU mostly idle between kernel launches, so N processes finish N settings in far less than N times one's
-wall (18 MFLI ML-1M runs at once on one H200: ~390 s each, benchmarks/RESULTS.md). The parent rewrites the
+wall (18 MFLI ML-1M runs at once on one H200: ~390 s each, benchmarks/NOTES.md). The parent rewrites the
 tables from the finished workdirs while the workers run and once all have ended (``--collect``: the same
 tables without training anything). Each run's workdir is its own, so a sweep killed and started again skips
 the finished runs and continues the others from their checkpoints.
@@ -115,6 +115,29 @@ def _combos(config, axes, mode: str) -> list[tuple[tuple[str, str], ...]]:
     return combos
 
 
+def _unique_values(config, axes):
+    """Each axis without repeated values (``1e-3`` and ``0.001`` are one value: the first spelling stays)."""
+    out = []
+    for key, values in axes:
+        node, leaf = overrides.lookup(config, key)
+        seen, kept = [], []
+        for v in values:
+            parsed = overrides.parse_value(node[leaf], v)
+            if parsed not in seen:
+                seen.append(parsed)
+                kept.append(v)
+        out.append((key, kept))
+    return out
+
+
+def _run_names(combos) -> list[str]:
+    """Run names from the last key part (``num_blocks-2``); the whole dotted key when two axes share a last
+    part (``model.dropout`` and ``task.dropout``), so every setting has its own name and workdir."""
+    leaves = [k.split(".")[-1] for k in dict.fromkeys(k for c in combos for k, _ in c)]
+    full = len(set(leaves)) < len(leaves)
+    return ["_".join(f"{k if full else k.split('.')[-1]}-{v}" for k, v in c) or "base" for c in combos]
+
+
 def plan(
     config: ml_collections.ConfigDict,
     axes: list[tuple[str, list[str]]],
@@ -127,6 +150,8 @@ def plan(
         spec = f"--sweep {key}={','.join(values)}"
         if not values:
             raise ValueError(f"{spec}: no values")
+        if key == "train.seed":  # each setting's seed is set from --seeds and would silently win
+            raise ValueError("--sweep train.seed: the seeds are --seeds (one run per seed and setting)")
         try:
             node, leaf = overrides.lookup(config, key, label=spec)
         except KeyError as e:
@@ -137,8 +162,10 @@ def plan(
             except ValueError as e:
                 raise ValueError(f"{spec}: {e}") from None
     settings = []
-    for combo in _combos(config, axes, mode):
-        name = "_".join(f"{k.split('.')[-1]}-{v}" for k, v in combo) or "base"
+    combos = _combos(config, _unique_values(config, axes), mode)
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"--seeds {','.join(map(str, seeds))}: a seed is repeated")
+    for combo, name in zip(combos, _run_names(combos), strict=True):
         for seed in seeds:
             cfg = copy.deepcopy(config)
             for k, v in combo:
@@ -195,10 +222,8 @@ def run_sweep(
         else:
             _ok_row(row, res)
         rows.append(row)
-        if n == 1:
-            write_tables(
-                rows, out, metric, echo=False, columns=columns
-            )  # after each run: a killed sweep keeps what finished
+        if n == 1:  # after each run: a killed sweep keeps what finished
+            write_tables(rows, out, metric, echo=False, columns=columns)
         else:
             out.mkdir(parents=True, exist_ok=True)
             workdir_lib.write_json_atomic(out / f"worker{i0}.json", rows)
@@ -248,39 +273,54 @@ def run_workers(
     argv: list[str], workers: int, out: str | pathlib.Path, report, poll_s: float = 10.0
 ) -> list[int]:
     """Starts ``workers`` processes ``python -m experiments.sweep <argv> --shard=i/N``, calls ``report()``
-    every ``poll_s`` while they run (the parent's table refresh), returns their exit codes. SIGTERM /
-    SIGINT of the parent stops the workers (their finished runs and checkpoints stay)."""
+    every ``poll_s`` while they run (the parent's table refresh), returns their exit codes. However the
+    parent ends (done, SIGTERM / SIGINT, an error in ``report``), no worker outlives it: the ones still
+    running are terminated and waited for (their finished runs and checkpoints stay)."""
+    if "--" in argv:  # flags after it would reach the workers as positional arguments
+        raise ValueError("--workers: put every flag before '--' (or leave '--' out)")
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("worker*.json"):  # an earlier sweep's errors must not be reported as this one's
+        stale.unlink()
     env = dict(os.environ)
     # Each process also holds ~1 GB of CUDA / cuBLAS context outside the pool: 0.8 / N leaves room for it.
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.8 / workers:.3f}")
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # take the pool as needed, up to the cap
     import jax
+    from jax._src import xla_bridge
 
+    if xla_bridge.backends_are_initialized():  # too late to keep the parent off the GPU the workers share
+        raise RuntimeError("--workers: JAX already holds a device in the parent (a config touched JAX)")
     jax.config.update("jax_platforms", "cpu")  # the parent only reads results: the GPU is the workers'
-    procs = []
-    for i in range(workers):
-        log = open(out / f"worker{i}.log", "w")  # noqa: SIM115 -- closed after the process ends
-        cmd = [sys.executable, "-m", "experiments.sweep", *argv, "--workers=1", f"--shard={i}/{workers}"]
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+    procs, logs = [], []
 
     def stop(signum, frame):
-        for p, _ in procs:
-            p.terminate()
         raise SystemExit(f"sweep stopped by signal {signum}; the workers were terminated")
 
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while any(p.poll() is None for p, _ in procs):
+        for i in range(workers):
+            logs.append(open(out / f"worker{i}.log", "w"))  # noqa: SIM115 -- closed in finally
+            cmd = [sys.executable, "-m", "experiments.sweep", *argv, "--workers=1", f"--shard={i}/{workers}"]
+            procs.append(subprocess.Popen(cmd, stdout=logs[-1], stderr=subprocess.STDOUT, env=env))
+        while any(p.poll() is None for p in procs):
             time.sleep(poll_s)
             report()
     finally:
+        running = [p for p in procs if p.poll() is None]
+        for p in running:
+            p.terminate()
+        for p in running:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        for _, log in procs:
+        for log in logs:
             log.close()
-    return [p.returncode for p, _ in procs]
+    return [p.returncode for p in procs]
 
 
 def _columns(rows: list[dict]) -> list[str]:
@@ -398,7 +438,10 @@ def main(argv):
         rows = collect(*args, **kw)
     elif _WORKERS.value > 1:
         report = lambda: collect(*args, **kw, echo=False)  # noqa: E731
-        codes = run_workers(sys.argv[1:], _WORKERS.value, _OUT.value, report)
+        try:
+            codes = run_workers(sys.argv[1:], _WORKERS.value, _OUT.value, report)
+        except (ValueError, RuntimeError) as e:
+            sys.exit(f"error: {e}")
         rows = collect(*args, **kw)
         if any(codes):
             print(f"worker exit codes {codes} (logs: {_OUT.value}/worker<i>.log)", file=sys.stderr)

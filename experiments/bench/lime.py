@@ -100,13 +100,15 @@ def build(model: str, g: Grid, max_len: int):
         graphdef, state = nnx.split(m)
         cache = jax.jit(lambda s: nnx.merge(graphdef, s).build_item_cache())(state)
 
-        # The cache is an argument, not a closed-over constant (a 1M-row constant would be compiled in).
+        # The cache rides with the parameters as an argument, not a closed-over constant (a 1M-row constant
+        # would be compiled in, and inside timed_in_loop work on it could be hoisted out of the loop).
         @jax.jit
-        def run_cached(state, cache, hist, mask, cand):
+        def run_cached(state_and_cache, hist, mask, cand):
+            state, cache = state_and_cache
             mm = nnx.merge(graphdef, state)
             return mm.score_cached(mm(hist, mask), cache, cand)
 
-        return (lambda st, hist, mask, cand: run_cached(st, cache, hist, mask, cand)), state
+        return run_cached, (state, cache)
     if model == "hstu_target":
         cfg = HSTUConfig(
             num_items=g.num_items, max_len=max_len, embed_dim=g.dim, num_blocks=g.layers, num_heads=g.heads,
@@ -167,13 +169,20 @@ def measure(model: str, g: Grid, points: list[tuple[int, int]]) -> list[dict]:
             t = timed(lambda h=hist, m=mask, c=cand: run(state, h, m, c), g.reps)
             ms = float(np.median(t) * 1e3)
             rows.append({**row, "ms": ms, "tflops": row["gflop"] / ms, "note": ""})
-            if g.inner:
+        except Exception as e:  # noqa: BLE001 -- a row that does not fit is reported, the sweep goes on
+            rows.append({**row, "ms": None, "note": _error(e)})
+        if g.inner and rows[-1]["ms"] is not None:
+            try:  # a failing loop keeps the row's per-call time
                 loop = timed_in_loop(run, (state, hist, mask, cand), g.reps, g.inner)
                 rows[-1]["ms_loop"] = float(np.median(loop) * 1e3)
-        except Exception as e:  # noqa: BLE001 -- a row that does not fit is reported, the sweep goes on
-            rows.append({**row, "ms": None, "note": type(e).__name__ + ": " + str(e).splitlines()[0][:80]})
+            except Exception as e:  # noqa: BLE001
+                rows[-1]["note"] = "in loop: " + _error(e)
         print(_line(rows[-1]), flush=True)
     return rows
+
+
+def _error(e: Exception) -> str:
+    return type(e).__name__ + ": " + str(e).splitlines()[0][:80]
 
 
 def _line(r: dict) -> str:

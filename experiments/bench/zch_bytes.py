@@ -15,10 +15,12 @@ slowest lane. Printed per (load, stream):
 - ``unique``: distinct sectors holding the batch's IDs, per ID (the ideal's DRAM traffic if L2 absorbs every
   repeat: Zipf);
 - ``bytes/ID``: kernel sectors x 32 B + 8 B ID read + 4 B slot write.
-Insert-or-find with ``--new-frac`` new IDs at random lanes: a program holding a new ID reads its windows to
-the end (a miss scans everything), plus the batch dedupe (stable argsort of int64 keys; modelled, not
-counted: ``SORT_PASSES`` radix passes reading and writing 8 B key + 4 B index, as XLA's GPU sort does for
-64-bit keys -- an assumption to check against a profile).
+Insert-or-find with ``--new-frac`` new IDs at random lanes: the kernel runs on the batch's distinct IDs
+(``distinct`` per ID: Zipf batches repeat), a program holding a new ID reads its windows to the end (a miss
+scans everything) and runs a CAS round of one atomic per lane (``cas/ID``), plus the batch dedupe (stable
+argsort of int64 keys; modelled, not counted: ``SORT_PASSES`` radix passes reading and writing 8 B key + 4 B
+index, as XLA's GPU sort does for 64-bit keys -- an assumption to check against a profile). Two-choice only
+(linear windows start anywhere, so their sector count per step differs).
 
   PYTHONPATH=. python experiments/bench/zch_bytes.py                       # 1M slots, loads 0.5 / 0.9
   PYTHONPATH=. python experiments/bench/zch_bytes.py --slots 65536 --bucket-size 16384 --batch 8192  # tests
@@ -37,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from experiments.bench.zch import fill, stream  # noqa: E402
+from experiments.bench.zch import fill, fresh_ids, stream  # noqa: E402
 from pallas_kernels import zch as kz  # noqa: E402
 from pallas_kernels import zch_reference as kzr  # noqa: E402
 
@@ -64,24 +66,26 @@ def window_offsets(table, ids, *, num_buckets, max_probe, probing):
     return offset, k_windows, length, slot
 
 
-def count(offset, k_windows, length, *, block, width, ids_slots=None):
-    """Per-ID sector counts of one batch (lanes in order, ``block`` per program); offset -1 = a miss."""
+def count(offset, k_windows, length, *, block, width, ids_slots=None, batch=None):
+    """Per-ID sector counts of one launch (its lanes in order, ``block`` per program; offset -1 = a miss),
+    divided by ``batch`` (default: the lanes; the batch size when the launch runs on its distinct IDs)."""
+    batch = batch or len(offset)
     full = -(-length // width)
     lane = np.where(offset >= 0, offset // width + 1, full)
     pad = (-len(lane)) % block
     prog = np.concatenate([lane, np.zeros(pad, lane.dtype)]).reshape(-1, block).max(axis=1)
     prog_per_lane = np.repeat(prog, block)[: len(lane)]
-    per_step = k_windows * (width * SLOT // SECTOR)  # sectors a lane reads per step
+    per_step = k_windows * (width * SLOT // SECTOR)  # sectors a lane reads per step (aligned: two-choice)
     out = {
         "steps lane": lane.mean(),
         "steps prog": prog_per_lane.mean(),
-        "sectors/ID": (prog_per_lane * per_step).mean(),
-        "masked": (lane * per_step).mean(),
+        "sectors/ID": (prog_per_lane * per_step).sum() / batch,
+        "masked": (lane * per_step).sum() / batch,
         # ideal: a hit costs the 1 sector holding the ID, a miss reads its windows one sector at a time
-        "ideal": np.where(offset >= 0, 1.0, k_windows * length * SLOT / SECTOR).mean(),
+        "ideal": np.where(offset >= 0, 1.0, k_windows * length * SLOT / SECTOR).sum() / batch,
     }
     if ids_slots is not None:  # distinct sectors the batch touches (L2 absorbing every repeat)
-        out["unique"] = len(np.unique(ids_slots // (SECTOR // SLOT))) / len(offset)
+        out["unique"] = len(np.unique(ids_slots // (SECTOR // SLOT))) / batch
     out["bytes/ID"] = out["sectors/ID"] * SECTOR + 8 + 4
     return out
 
@@ -105,12 +109,20 @@ def measure(args) -> list[dict]:
                 raise AssertionError(f"{dist} at load {real:.3f}: a stored ID was not found")
             c = count(offset, k, length, block=args.block, width=args.width, ids_slots=slots)
             rows.append({"op": "lookup", "load": real, "dist": dist, "full": n_full, **c})
+            # insert-or-find: new IDs at random lanes; two-choice runs the kernel on the batch's distinct
+            # IDs (ascending, compacted to the front: zch_reference.dedupe); a new one reads to the end
             new = rng.random(args.batch) < args.new_frac
-            off_ins = np.where(new, -1, offset)  # a new ID: absent, its windows read to the end
-            c = count(off_ins, k, length, block=args.block, width=args.width)
-            # the batch dedupe before the kernel (two-choice): sort passes over key + index, modelled
+            uniq = np.unique(np.where(new, fresh_ids(rng, args.batch), q))
+            off_u, _, _, _ = window_offsets(table, uniq, **kw)
+            c = count(off_u, k, length, block=args.block, width=args.width, batch=args.batch)
+            # pass 2: a program with a pending (new) lane runs >= 1 CAS round in which every lane issues an
+            # atomic on one slot (masked lanes CAS EMPTY -> EMPTY); counted as 1 round, 1 sector per lane
+            pending = np.concatenate([off_u < 0, np.zeros((-len(uniq)) % args.block, bool)])
+            c["cas/ID"] = pending.reshape(-1, args.block).any(axis=1).sum() * args.block / args.batch
+            c["distinct"] = len(uniq) / args.batch
+            # the batch dedupe before the kernel: sort passes over key + index, modelled
             c["sort B/ID"] = SORT_PASSES * 2 * (8 + 4)
-            c["bytes/ID"] += c["sort B/ID"] + 8 * new.mean()  # + the new IDs' identity writes
+            c["bytes/ID"] += c["cas/ID"] * SECTOR + c["sort B/ID"] + 8 * new.mean()  # + identity writes
             rows.append({"op": "insert-or-find", "load": real, "dist": dist, "full": n_full, **c})
     return rows
 
@@ -120,7 +132,8 @@ def print_table(rows, args) -> None:
         f"# slots {args.slots}, bucket {args.bucket_size}, max_probe {args.max_probe} ({args.probing}), "
         f"block {args.block} lanes, width {args.width} slots, batch {args.batch}, new {args.new_frac}"
     )
-    cols = ["steps lane", "steps prog", "sectors/ID", "masked", "ideal", "unique", "sort B/ID", "bytes/ID"]
+    cols = ["distinct", "steps lane", "steps prog", "sectors/ID", "masked", "ideal", "unique", "cas/ID"]
+    cols += ["sort B/ID", "bytes/ID"]
     print("| op | load | dist | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 3) + "|")
     for r in rows:
@@ -133,7 +146,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--slots", type=int, default=1 << 20)
     ap.add_argument("--bucket-size", type=int, default=65536)
     ap.add_argument("--max-probe", type=int, default=128)
-    ap.add_argument("--probing", default="two_choice", choices=kz.PROBINGS)
+    # two-choice only: its windows start at multiples of 64 slots, so a step's 8 slots are 2 aligned sectors
+    ap.add_argument("--probing", default="two_choice", choices=["two_choice"])
     ap.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.9])
     ap.add_argument("--dists", nargs="+", default=["uniform", "zipf"])
     ap.add_argument("--batch", type=int, default=1 << 16)

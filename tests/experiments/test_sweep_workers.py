@@ -117,3 +117,60 @@ def test_two_workers_train_what_one_process_trains(tmp_path):
     again = sweep.run_experiment(two.config, tmp_path / "again")
     stored = json.loads((out / "num_blocks-2_seed0" / "results.json").read_text())
     assert stored["test"] == pytest.approx(again["test"], rel=1e-5)
+
+
+def test_names_stay_unique_and_repeats_are_refused():
+    config = synthetic_tiny.get_config()
+    names = [
+        s.name for s in sweep.plan(config, [("model.dropout", ["0.3"]), ("train.num_epochs", ["3"])], [0])
+    ]
+    assert names == ["dropout-0.3_num_epochs-3"]  # the last key part names a run
+    # two axes sharing the last key part ("name"): the whole dotted key names the runs
+    axes = [("train.loss.name", ["bce"]), ("data.name", ["ml-100k"]), ("model.dropout", ["0.3"])]
+    clash = [s.name for s in sweep.plan(config, axes, [0], "ablation")]
+    assert clash == ["base", "train.loss.name-bce", "data.name-ml-100k", "model.dropout-0.3"]
+    with pytest.raises(ValueError, match="--sweep train.seed: the seeds are --seeds"):
+        sweep.plan(config, [("train.seed", ["3"])], [0])
+    # one value spelled twice is one setting; a repeated seed is an error
+    lrs = sweep.plan(config, [("train.learning_rate", ["1e-3", "0.001"])], [0], "grid")
+    assert [s.name for s in lrs] == ["learning_rate-1e-3"]
+    with pytest.raises(ValueError, match="a seed is repeated"):
+        sweep.plan(config, [], [0, 0], "grid")
+
+
+class _FakeProcess:
+    started: list = []
+
+    def __init__(self, cmd, **kw):
+        self.cmd, self.terminated, self.waited = cmd, False, False
+        _FakeProcess.started.append(self)
+
+    def poll(self):
+        return 0 if self.terminated else None  # runs until terminated
+
+    def terminate(self):
+        self.terminated = True
+
+    def wait(self, timeout=None):
+        self.waited = True
+
+    @property
+    def returncode(self):
+        return 0 if self.terminated else None
+
+
+def test_workers_never_outlive_the_parent(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep.subprocess, "Popen", _FakeProcess)
+    _FakeProcess.started = []
+    (tmp_path / "worker7.json").write_text("[]")  # an earlier sweep's: removed at the start
+
+    def report():
+        raise RuntimeError("table refresh failed")
+
+    with pytest.raises(RuntimeError, match="table refresh failed"):
+        sweep.run_workers(["--seeds=0"], 2, tmp_path, report, poll_s=0.0)
+    procs = _FakeProcess.started
+    assert len(procs) == 2 and all(p.terminated and p.waited for p in procs)
+    assert procs[1].cmd[-2:] == ["--workers=1", "--shard=1/2"] and not (tmp_path / "worker7.json").exists()
+    with pytest.raises(ValueError, match="before '--'"):
+        sweep.run_workers(["--seeds=0", "--", "x"], 2, tmp_path, report)
