@@ -15,6 +15,8 @@ slowest lane. Printed per (load, stream):
 - ``unique``: distinct sectors holding the batch's IDs, per ID (the ideal's DRAM traffic if L2 absorbs every
   repeat: Zipf);
 - ``bytes/ID``: kernel sectors x 32 B + 8 B ID read + 4 B slot write.
+``--home-groups`` adds the lookups of a candidate redesign replayed on the same table
+(:func:`home_group_steps`: IDs placed from a hashed home group of the window instead of its start).
 Insert-or-find with ``--new-frac`` new IDs at random lanes: the kernel runs on the batch's distinct IDs
 (``distinct`` per ID: Zipf batches repeat), a program holding a new ID reads its windows to the end (a miss
 scans everything) and runs a CAS round of one atomic per lane (``cas/ID``), plus the batch dedupe (stable
@@ -22,7 +24,7 @@ argsort of int64 keys; modelled, not counted: ``SORT_PASSES`` radix passes readi
 index, as XLA's GPU sort does for 64-bit keys -- an assumption to check against a profile). Two-choice only
 (linear windows start anywhere, so their sector count per step differs).
 
-  PYTHONPATH=. python experiments/bench/zch_bytes.py                       # 1M slots, loads 0.5 / 0.9
+  PYTHONPATH=. python experiments/bench/zch_bytes.py [--home-groups]       # 1M slots, loads 0.5 / 0.9
   PYTHONPATH=. python experiments/bench/zch_bytes.py --slots 65536 --bucket-size 16384 --batch 8192  # tests
 """
 
@@ -90,6 +92,36 @@ def count(offset, k_windows, length, *, block, width, ids_slots=None, batch=None
     return out
 
 
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 (numpy): the home group's own hash bits, independent of the windows'."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def home_group_steps(stored, offset, slot, *, length, width) -> dict[int, int]:
+    """The redesign's lookup cost, replayed on the real table (NOTES "Bytes per ID" item 2): each window keeps
+    its IDs (the two-choice window choice depends only on EMPTY counts, which intra-window placement does not
+    change), but an ID is placed at the first EMPTY from its hashed home group of ``width`` slots, wrapping,
+    instead of from the window start. Without evictions the current offsets are the arrival order, so the
+    replay is exact. -> {ID: steps to reach it reading one group per window per step from the home group}."""
+    groups = length // width
+    window = slot - offset  # first slot of the window holding the ID (windows are aligned sub-blocks)
+    home = (_mix(stored.astype(np.uint64)) % np.uint64(groups)).astype(np.int64)
+    order = np.lexsort((offset, window))  # per window, in arrival order
+    steps = {}
+    occupied = None
+    prev = None
+    for i in order:
+        if window[i] != prev:
+            occupied, prev = np.zeros(length, bool), window[i]
+        start = home[i] * width
+        free = np.flatnonzero(~np.roll(occupied, -start))[0]  # first EMPTY from the home group, wrapping
+        occupied[(start + free) % length] = True
+        steps[int(stored[i])] = free // width + 1
+    return steps
+
+
 def measure(args) -> list[dict]:
     rows = []
     rng = np.random.default_rng(args.seed)
@@ -102,6 +134,7 @@ def measure(args) -> list[dict]:
         target = int(round(load * args.slots))
         table, stored, n_full, _ = fill(ins, table, rng, target, args.fill_batch, stored)
         real = len(stored) / args.slots
+        home = None  # the home-group replay of this fill level (computed once)
         for dist in args.dists:
             q = stream(rng, stored, args.batch, dist)
             offset, k, length, slots = window_offsets(table, q, **kw)
@@ -109,6 +142,15 @@ def measure(args) -> list[dict]:
                 raise AssertionError(f"{dist} at load {real:.3f}: a stored ID was not found")
             c = count(offset, k, length, block=args.block, width=args.width, ids_slots=slots)
             rows.append({"op": "lookup", "load": real, "dist": dist, "full": n_full, **c})
+            if args.home_groups:
+                if home is None:
+                    off_s, _, _, slot_s = window_offsets(table, stored, **kw)
+                    home = home_group_steps(stored, off_s, slot_s, length=length, width=args.width)
+                off_h = np.array([(home[int(i)] - 1) * args.width for i in q])
+                c = count(off_h, k, length, block=args.block, width=args.width)
+                rows.append(
+                    {"op": "lookup, home group (replay)", "load": real, "dist": dist, "full": n_full, **c}
+                )
             # insert-or-find: new IDs at random lanes; two-choice runs the kernel on the batch's distinct
             # IDs (ascending, compacted to the front: zch_reference.dedupe); a new one reads to the end
             new = rng.random(args.batch) < args.new_frac
@@ -156,6 +198,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--new-frac", type=float, default=0.01)
     ap.add_argument("--fill-batch", type=int, default=1 << 16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--home-groups", action="store_true", help="also the home-group placement's lookups")
     args = ap.parse_args(argv)
     if args.slots % args.bucket_size:
         ap.error(f"--slots {args.slots}: expected a multiple of --bucket-size {args.bucket_size}")

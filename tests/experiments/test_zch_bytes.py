@@ -22,10 +22,13 @@ def test_count_of_known_offsets():
 
 
 def test_real_table_counts():
-    rows = zch_bytes.main(
-        ["--slots", "16384", "--bucket-size", "4096", "--batch", "2048", "--fill-batch", "512"]
-    )
+    args = ["--slots", "16384", "--bucket-size", "4096", "--batch", "2048", "--fill-batch", "512"]
+    rows = zch_bytes.main([*args, "--home-groups"])
     look = {(r["load"] > 0.7, r["dist"]): r for r in rows if r["op"] == "lookup"}
+    home = {(r["load"] > 0.7, r["dist"]): r for r in rows if r["op"].startswith("lookup, home group")}
+    assert home.keys() == look.keys()
+    for key, r in home.items():  # a hashed start can only shorten the mean walk to an ID, never below 1 step
+        assert 1.0 <= r["steps lane"] <= look[key]["steps lane"] and r["steps prog"] <= 8, (key, r)
     assert len(look) == 4
     for r in rows:
         lanes = r.get("distinct", 1.0)  # kernel lanes per batch ID (inserts run on the distinct IDs)
