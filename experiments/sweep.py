@@ -269,6 +269,17 @@ def collect(
     return rows
 
 
+def keep_parent_off_gpu() -> None:
+    """The parent of ``--workers`` only reads results: pin its JAX to the CPU so the GPU is the workers';
+    refused when a backend already exists (a config that touched JAX), since the pin would then be void."""
+    import jax
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError("--workers: JAX already holds a device in the parent (a config touched JAX)")
+    jax.config.update("jax_platforms", "cpu")
+
+
 def run_workers(
     argv: list[str], workers: int, out: str | pathlib.Path, report, poll_s: float = 10.0
 ) -> list[int]:
@@ -286,12 +297,7 @@ def run_workers(
     # Each process also holds ~1 GB of CUDA / cuBLAS context outside the pool: 0.8 / N leaves room for it.
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.8 / workers:.3f}")
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # take the pool as needed, up to the cap
-    import jax
-    from jax._src import xla_bridge
-
-    if xla_bridge.backends_are_initialized():  # too late to keep the parent off the GPU the workers share
-        raise RuntimeError("--workers: JAX already holds a device in the parent (a config touched JAX)")
-    jax.config.update("jax_platforms", "cpu")  # the parent only reads results: the GPU is the workers'
+    keep_parent_off_gpu()
     procs, logs = [], []
 
     def stop(signum, frame):

@@ -161,6 +161,7 @@ class _FakeProcess:
 
 def test_workers_never_outlive_the_parent(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep.subprocess, "Popen", _FakeProcess)
+    monkeypatch.setattr(sweep, "keep_parent_off_gpu", lambda: None)  # this pytest process has a backend
     _FakeProcess.started = []
     (tmp_path / "worker7.json").write_text("[]")  # an earlier sweep's: removed at the start
 
@@ -174,3 +175,11 @@ def test_workers_never_outlive_the_parent(tmp_path, monkeypatch):
     assert procs[1].cmd[-2:] == ["--workers=1", "--shard=1/2"] and not (tmp_path / "worker7.json").exists()
     with pytest.raises(ValueError, match="before '--'"):
         sweep.run_workers(["--seeds=0", "--", "x"], 2, tmp_path, report)
+
+
+def test_parent_with_a_jax_backend_is_refused(monkeypatch):
+    import jax
+
+    jax.devices()  # this process now holds a backend: pinning the parent to the CPU would be void
+    with pytest.raises(RuntimeError, match="JAX already holds a device in the parent"):
+        sweep.keep_parent_off_gpu()
