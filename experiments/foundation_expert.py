@@ -85,9 +85,9 @@ def _fm_config(c, data, blocks: int) -> F.FoundationConfig:
     )
 
 
-def run_seed(c, data, seed: int, workdir: pathlib.Path, store: TAEStore, progress: bool) -> dict:
+def _fm_task(c, data) -> F.FoundationTask:
     ft = c.fm_train
-    fm_task = F.FoundationTask(
+    return F.FoundationTask(
         data,
         batch_size=ft.batch_size,
         positions_per_user=c.data.positions_per_user or None,
@@ -95,6 +95,28 @@ def run_seed(c, data, seed: int, workdir: pathlib.Path, store: TAEStore, progres
         eval_batch_size=ft.eval_batch_size,
         max_valid_rows=ft.max_valid_rows,
     )
+
+
+def _fm_trainer(c, data, fm_task, seed: int, blocks: int, workdir: pathlib.Path, progress: bool) -> Trainer:
+    fm = F.FoundationModel(_fm_config(c, data, blocks), rngs=nnx.Rngs(seed))
+    return Trainer(
+        fm, fm_task, _train_cfg(c.fm_train, seed, progress), workdir / f"seed{seed}" / f"fm{blocks}"
+    )
+
+
+def train_fm_only(c, data, seed: int, blocks: int, workdir: pathlib.Path, progress: bool) -> dict:
+    """Train (or resume) one FM of one seed in the workdir layout ``run_seed`` reuses, nothing else: the
+    FMs of a seed can then train as parallel processes before one ``run_seed`` per seed logs their TAE."""
+    if blocks not in c.fm_blocks:
+        raise SystemExit(f"error: --fm-only {blocks}: the config's fm_blocks are {tuple(c.fm_blocks)}")
+    res = _fm_trainer(c, data, _fm_task(c, data), seed, blocks, workdir, progress).fit()
+    return {"test": res["test"], "best_epoch": res["best_epoch"], "epochs": res["epochs"],
+            "out_of_time": bool(res.get("out_of_time"))}  # fmt: skip
+
+
+def run_seed(c, data, seed: int, workdir: pathlib.Path, store: TAEStore, progress: bool) -> dict:
+    ft = c.fm_train
+    fm_task = _fm_task(c, data)
     imps = {
         "train": data.train_impressions(10_000 + seed, c.data.expert_positions_per_user or None),
         **fm_task.eval_imp,
@@ -103,10 +125,7 @@ def run_seed(c, data, seed: int, workdir: pathlib.Path, store: TAEStore, progres
     versions = {}
     for blocks in c.fm_blocks:
         version = 1000 * seed + blocks
-        fm = F.FoundationModel(_fm_config(c, data, blocks), rngs=nnx.Rngs(seed))
-        trainer = Trainer(
-            fm, fm_task, _train_cfg(ft, seed, progress), workdir / f"seed{seed}" / f"fm{blocks}"
-        )
+        trainer = _fm_trainer(c, data, fm_task, seed, blocks, workdir, progress)
         res = trainer.fit()
         out[f"fm{blocks}"] = res["test"]
         out.setdefault("out_of_time", {})[f"fm{blocks}"] = bool(res.get("out_of_time"))
@@ -255,7 +274,17 @@ def main(argv=None) -> dict:
         help="override a config entry, e.g. --set fm_train.num_epochs=10 (value parsed as Python)",
     )
     p.add_argument("--merge", default="", metavar="DIR,DIR,...", help=train_lib.MERGE_HELP)
+    p.add_argument(
+        "--fm-only",
+        type=int,
+        default=0,
+        metavar="BLOCKS",
+        help="only train (or resume) the FM of BLOCKS blocks for the seeds, print its test metrics and stop; "
+        "a later plain run on the same workdir reuses it",
+    )
     a = p.parse_args(argv)
+    if a.fm_only and a.merge:
+        raise SystemExit("error: --fm-only and --merge exclude each other")
     c = load_config(a.config)
     for item in a.set:
         key, _, value = item.partition("=")
@@ -273,6 +302,10 @@ def main(argv=None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = build_data(c)
+    if a.fm_only:
+        out = {s: train_fm_only(c, data, s, a.fm_only, workdir, not a.quiet) for s in seeds}
+        print(json.dumps(out, indent=1, default=float))
+        return out
     if a.merge:
         dirs = [d for d in a.merge.split(",") if d]
         pairs, settings = train_lib.merged_per_seed(dirs, ("config", "set"))

@@ -1,0 +1,35 @@
+"""experiments.foundation_expert --fm-only: one FM of a seed trains alone (as one of several parallel
+processes), and the plain run on the same workdir reuses it instead of training it again."""
+
+import json
+
+import pytest
+
+from experiments import foundation_expert
+
+TINY = "experiments/configs/foundation_expert_tiny.py"
+
+
+def test_fm_only_trains_one_fm_that_the_full_run_reuses(tmp_path):
+    wd = str(tmp_path / "fe")
+    only = foundation_expert.main(["--config", TINY, "--workdir", wd, "--quiet", "--fm-only", "2"])
+    assert (tmp_path / "fe" / "seed0" / "fm2").is_dir()
+    assert not (tmp_path / "fe" / "seed0" / "fm1").exists()  # the other FM is left to its own process
+    assert not (tmp_path / "fe" / "store").exists()  # no TAE logged: the FM may still train on
+    fm2 = tmp_path / "fe" / "seed0" / "fm2"
+    ckpts = {f: f.stat().st_mtime_ns for f in (fm2 / "checkpoints").rglob("*") if f.is_file()}
+    assert ckpts
+
+    def epochs_logged():
+        return sum('"epoch/epoch"' in line for line in (fm2 / "metrics.jsonl").read_text().splitlines())
+
+    assert epochs_logged() == 2
+    full = foundation_expert.main(["--config", TINY, "--workdir", wd, "--quiet"])
+    # the FM was resumed from its finished state: no checkpoint rewritten, no epoch trained, same metrics
+    assert {f: f.stat().st_mtime_ns for f in ckpts} == ckpts and epochs_logged() == 2
+    assert full["per_seed"][0]["fm2"] == only[0]["test"]
+    assert (
+        json.loads((tmp_path / "fe" / "results.json").read_text())["per_seed"]["0"]["fm2"] == only[0]["test"]
+    )
+    with pytest.raises(SystemExit, match="fm_blocks are"):
+        foundation_expert.main(["--config", TINY, "--workdir", wd, "--quiet", "--fm-only", "5"])
