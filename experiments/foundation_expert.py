@@ -107,8 +107,6 @@ def _fm_trainer(c, data, fm_task, seed: int, blocks: int, workdir: pathlib.Path,
 def train_fm_only(c, data, seed: int, blocks: int, workdir: pathlib.Path, progress: bool) -> dict:
     """Train (or resume) one FM of one seed in the workdir layout ``run_seed`` reuses, nothing else: the
     FMs of a seed can then train as parallel processes before one ``run_seed`` per seed logs their TAE."""
-    if blocks not in c.fm_blocks:
-        raise SystemExit(f"error: --fm-only {blocks}: the config's fm_blocks are {tuple(c.fm_blocks)}")
     res = _fm_trainer(c, data, _fm_task(c, data), seed, blocks, workdir, progress).fit()
     return {"test": res["test"], "best_epoch": res["best_epoch"], "epochs": res["epochs"],
             "out_of_time": bool(res.get("out_of_time"))}  # fmt: skip
@@ -277,13 +275,13 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--fm-only",
         type=int,
-        default=0,
+        default=None,
         metavar="BLOCKS",
         help="only train (or resume) the FM of BLOCKS blocks for the seeds, print its test metrics and stop; "
         "a later plain run on the same workdir reuses it",
     )
     a = p.parse_args(argv)
-    if a.fm_only and a.merge:
+    if a.fm_only is not None and a.merge:
         raise SystemExit("error: --fm-only and --merge exclude each other")
     c = load_config(a.config)
     for item in a.set:
@@ -295,6 +293,8 @@ def main(argv=None) -> dict:
         if leaf not in node:
             raise SystemExit(f"error: --set {key}: no such config entry")
         node[leaf] = ast.literal_eval(value)
+    if a.fm_only is not None and a.fm_only not in c.fm_blocks:  # before --fresh deletes anything
+        raise SystemExit(f"error: --fm-only {a.fm_only}: the config's fm_blocks are {tuple(c.fm_blocks)}")
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else list(c.seeds)
     workdir = pathlib.Path(a.workdir)
     if a.fresh and workdir.exists():
@@ -302,7 +302,7 @@ def main(argv=None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = build_data(c)
-    if a.fm_only:
+    if a.fm_only is not None:
         out = {s: train_fm_only(c, data, s, a.fm_only, workdir, not a.quiet) for s in seeds}
         print(json.dumps(out, indent=1, default=float))
         return out

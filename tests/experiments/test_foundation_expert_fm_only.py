@@ -31,5 +31,9 @@ def test_fm_only_trains_one_fm_that_the_full_run_reuses(tmp_path):
     assert (
         json.loads((tmp_path / "fe" / "results.json").read_text())["per_seed"]["0"]["fm2"] == only[0]["test"]
     )
-    with pytest.raises(SystemExit, match="fm_blocks are"):
-        foundation_expert.main(["--config", TINY, "--workdir", wd, "--quiet", "--fm-only", "5"])
+    # and it is the FM the plain run trains itself (same seed, config and workdir layout)
+    alone = foundation_expert.main(["--config", TINY, "--workdir", str(tmp_path / "plain"), "--quiet"])
+    assert alone["per_seed"][0]["fm2"] == only[0]["test"]
+    with pytest.raises(SystemExit, match="fm_blocks are"):  # refused before --fresh deletes the workdir
+        foundation_expert.main(["--config", TINY, "--workdir", wd, "--quiet", "--fresh", "--fm-only", "5"])
+    assert (tmp_path / "fe" / "results.json").exists()
