@@ -164,3 +164,16 @@ def test_padded_dim_rejects_unsupported():
     assert int8_ann.padded_dim(24) == 32 and int8_ann.padded_dim(128) == 128
     with pytest.raises(ValueError, match="d: expected"):
         int8_ann.padded_dim(2048)
+
+
+@pytest.mark.parametrize("d", [1039, 1041])  # the float32 GEMM's last exact width, and the int32 path
+def test_scores_reference_is_exact_at_extreme_int8_values(d):
+    rng = np.random.default_rng(0)
+    q = rng.choice(np.array([-127, 127], np.int8), (3, d))
+    q[0] = 127  # all-max row: |dot| = 127^2 d, the largest the float32 path must hold exactly
+    items = rng.choice(np.array([-127, 127], np.int8), (5, d))
+    items[0] = -127
+    want = q.astype(np.int64) @ items.astype(np.int64).T
+    got = int8_ann.int8_scores_reference(jnp.asarray(q), jnp.asarray(items), jnp.ones(5, jnp.float32))
+    # the reference returns float32 scores: exact int32 dots, rounded once to float32
+    np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
