@@ -179,12 +179,9 @@ def run_seed(c, data, seed: int, workdir: pathlib.Path, store: TAEStore, progres
                 rngs=nnx.Rngs(seed),
             )
             wd = workdir / f"seed{seed}" / f"{variant}_{sname}"
-            out.setdefault(variant, {}).update(
-                {
-                    f"{sname}/{k}": v
-                    for k, v in Trainer(model, task, _train_cfg(et, seed, progress), wd).fit()["test"].items()
-                }
-            )
+            res = Trainer(model, task, _train_cfg(et, seed, progress), wd).fit()
+            out.setdefault(variant, {}).update({f"{sname}/{k}": v for k, v in res["test"].items()})
+            out.setdefault("expert_out_of_time", {})[f"{variant}/{sname}"] = bool(res.get("out_of_time"))
     return out
 
 
@@ -254,6 +251,10 @@ def summarize(c, data, results: dict[int, dict]) -> tuple[str, dict]:
     summary["fm_out_of_time"] = cut
     if cut:
         lines.append(f"\nFMs stopped by fm_train.max_train_seconds (not fully trained): {', '.join(cut)}")
+    ecut = [f"seed {s} {e}" for s in results for e, v in results[s].get("expert_out_of_time", {}).items() if v]
+    summary["expert_out_of_time"] = ecut
+    if ecut:
+        lines.append(f"\nExperts stopped by expert_train.max_train_seconds: {', '.join(ecut)}")
     return "\n".join(lines), summary
 
 

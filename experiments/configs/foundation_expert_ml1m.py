@@ -4,7 +4,9 @@ plus 4 sampled negatives. FMs of 2 and 8 HSTU blocks (d=50, 2 heads of 25), expe
 
 Command (GPU, one H200): python -m experiments.foundation_expert \
     --config experiments/configs/foundation_expert_ml1m.py --workdir runs/fe_ml1m
-Reached: not run yet (the numbers go to benchmarks/RESULTS.md with card, date and command).
+Reached (H200, 3 seeds, benchmarks/RESULTS.md "Foundation–Expert", fifth session): expert + FM8 TAE at the
+FM's HR@10 on every surface; transfer ratio FM2 -> FM8 pooled over the surfaces 0.98. The GPU recipe (FMs as
+parallel --fm-only processes first): docs/FOUNDATION_EXPERT.md "Results".
 """
 
 import ml_collections

@@ -31,9 +31,17 @@ def test_fm_only_trains_one_fm_that_the_full_run_reuses(tmp_path):
     assert (
         json.loads((tmp_path / "fe" / "results.json").read_text())["per_seed"]["0"]["fm2"] == only[0]["test"]
     )
-    # and it is the FM the plain run trains itself (same seed, config and workdir layout)
-    alone = foundation_expert.main(["--config", TINY, "--workdir", str(tmp_path / "plain"), "--quiet"])
+    assert full["expert_out_of_time"] == []  # no expert budget in the tiny config
+    # and it is the FM the plain run trains itself (same seed, config and workdir layout); experts cut by
+    # their wall-clock budget are named in the summary and the table
+    alone = foundation_expert.main(
+        ["--config", TINY, "--workdir", str(tmp_path / "plain"), "--quiet"]
+        + ["--set", "expert_train.max_train_seconds=1e-6"]
+    )
     assert alone["per_seed"][0]["fm2"] == only[0]["test"]
+    trained = {k.split("/")[0] for k in alone["per_seed"][0]["expert"]}  # surfaces with an expert
+    assert alone["expert_out_of_time"] and len(alone["expert_out_of_time"]) == 3 * len(trained)
+    assert "Experts stopped by expert_train.max_train_seconds" in (tmp_path / "plain" / "table.md").read_text()
     with pytest.raises(SystemExit, match="fm_blocks are"):  # refused before --fresh deletes the workdir
         foundation_expert.main(["--config", TINY, "--workdir", wd, "--quiet", "--fresh", "--fm-only", "5"])
     assert (tmp_path / "fe" / "results.json").exists()
