@@ -251,7 +251,9 @@ def summarize(c, data, results: dict[int, dict]) -> tuple[str, dict]:
     summary["fm_out_of_time"] = cut
     if cut:
         lines.append(f"\nFMs stopped by fm_train.max_train_seconds (not fully trained): {', '.join(cut)}")
-    ecut = [f"seed {s} {e}" for s in results for e, v in results[s].get("expert_out_of_time", {}).items() if v]
+    ecut = [
+        f"seed {s} {e}" for s in results for e, v in results[s].get("expert_out_of_time", {}).items() if v
+    ]
     summary["expert_out_of_time"] = ecut
     if ecut:
         lines.append(f"\nExperts stopped by expert_train.max_train_seconds: {', '.join(ecut)}")

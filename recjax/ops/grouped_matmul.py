@@ -9,8 +9,9 @@ Implementations:
   recomputes the activation. Off a GPU it runs in Pallas interpret mode (slow; for tests).
 - ``"xla"``: sort, permute (a gathered (L*K, D) copy), ``jax.lax.ragged_dot``, unpermute (MaxText style).
 - ``"reference"``: every expert on every token in float32 (the definition; O(L E D F), small inputs only).
-``"auto"`` is Pallas on an NVIDIA GPU with compute capability >= 8.0 when D and F are multiples of 16, and
-XLA elsewhere.
+``"auto"`` is Pallas on an NVIDIA GPU with compute capability >= 8.0 and XLA elsewhere; on the Pallas path D
+and F are zero-padded to multiples of 16 inside the op when they are not (``pad_to_tiles``: exact, e.g.
+SASRec's d=50).
 
 ``grouped_matmul(lhs_MxK, rhs_GxKxN, group_sizes_G, impl="xla"|"reference"|"mosaic")``: rows in consecutive
 groups. ``"mosaic"`` is the Hopper Mosaic GPU kernel (``pallas_kernels.grouped_matmul_mgpu``: TMA + wgmma,
@@ -125,18 +126,39 @@ def moe_expert_ffn(
         x_LxD, expert_ids_LxK, weights_LxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, activation
     )
     name = resolve_impl(impl)
-    d_model, ffn_dim = x_LxD.shape[1], w_gate_ExDxF.shape[2]
-    if impl == "auto" and name == "pallas" and (d_model % 16 or ffn_dim % 16):
-        name = "xla"  # the kernels tile D and F by multiples of 16 (e.g. SASRec's d=50 runs on XLA)
     args = (x_LxD, expert_ids_LxK.astype(jnp.int32), weights_LxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
     if name == "reference":  # handles dropped ids itself
         return gm.moe_ffn_reference(*args, activation=activation).astype(x_LxD.dtype)
     if name == "xla":
         return _xla(*args, activation)
+    d_model = x_LxD.shape[1]
+    x_LxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD = pad_to_tiles(
+        x_LxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD
+    )
+    args = (x_LxD, args[1], weights_LxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
     if blocks is None:
         blocks = default_blocks(x_LxD.shape[1], w_gate_ExDxF.shape[2], x_LxD.shape[0])
     interpret = not dispatch.pallas_supported()
-    return gm.moe_ffn(*args, activation=activation, blocks=blocks, interpret=interpret, recompute=recompute)
+    y = gm.moe_ffn(*args, activation=activation, blocks=blocks, interpret=interpret, recompute=recompute)
+    return y[:, :d_model]
+
+
+def pad_to_tiles(x_LxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, multiple: int = 16):
+    """Zero-pads D and F to multiples of ``multiple`` (the kernels' smallest tile), so widths such as SASRec's
+    d=50 run on the kernels. Exact: padded x columns meet zero weight rows, a padded hidden unit has gate
+    pre-activation 0 (silu(0) = 0) and a zero row of w_down, and padded output columns are sliced off by the
+    caller; their gradients are dropped by the pad's transpose. Costs one copy of the weights per call when
+    a width is not a multiple (none otherwise)."""
+    d, f = x_LxD.shape[1], w_gate_ExDxF.shape[2]
+    pd, pf = -d % multiple, -f % multiple
+    if not (pd or pf):
+        return x_LxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD
+    x_LxD = jnp.pad(x_LxD, ((0, 0), (0, pd)))
+    w_gate_ExDxF = jnp.pad(w_gate_ExDxF, ((0, 0), (0, pd), (0, pf)))
+    if w_up_ExDxF is not None:
+        w_up_ExDxF = jnp.pad(w_up_ExDxF, ((0, 0), (0, pd), (0, pf)))
+    w_down_ExFxD = jnp.pad(w_down_ExFxD, ((0, 0), (0, pf), (0, pd)))
+    return x_LxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD
 
 
 def _mosaic_interpret() -> bool:

@@ -41,7 +41,8 @@ def test_fm_only_trains_one_fm_that_the_full_run_reuses(tmp_path):
     assert alone["per_seed"][0]["fm2"] == only[0]["test"]
     trained = {k.split("/")[0] for k in alone["per_seed"][0]["expert"]}  # surfaces with an expert
     assert alone["expert_out_of_time"] and len(alone["expert_out_of_time"]) == 3 * len(trained)
-    assert "Experts stopped by expert_train.max_train_seconds" in (tmp_path / "plain" / "table.md").read_text()
+    table = (tmp_path / "plain" / "table.md").read_text()
+    assert "Experts stopped by expert_train.max_train_seconds" in table
     with pytest.raises(SystemExit, match="fm_blocks are"):  # refused before --fresh deletes the workdir
         foundation_expert.main(["--config", TINY, "--workdir", wd, "--quiet", "--fresh", "--fm-only", "5"])
     assert (tmp_path / "fe" / "results.json").exists()

@@ -215,3 +215,27 @@ def test_sasrec_block_takes_moe_ffn(rng):
     aux_sown = [float(v) for v in jax.tree.leaves(sown) if v.shape == ()]
     assert len(aux_sown) == cfg.num_blocks and float(aux) == pytest.approx(sum(aux_sown)) and float(aux) > 0
     assert 1.0 <= float(metrics["moe_max_load_ratio"]) <= 4.0
+
+
+def test_pallas_path_pads_widths_that_are_not_multiples_of_16(rng):
+    """D=20, F=12 (SASRec+MoE has d=50): the op zero-pads inside, so the kernel (interpret mode here) gives
+    the reference's outputs and gradients, including a dropped assignment (id E)."""
+    n, d, f, e = 24, 20, 12, 4
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    ids = jnp.asarray(np.stack([rng.permutation(e)[:2] for _ in range(n)]), jnp.int32).at[3, 1].set(e)
+    w = jnp.asarray(rng.random((n, 2)), jnp.float32)
+    wg, wu = (jnp.asarray(rng.normal(size=(e, d, f)) / np.sqrt(d), jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.normal(size=(e, f, d)) / np.sqrt(f), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+
+    def loss(impl):
+        fn = lambda x, wg, wu, w2: jnp.sum(gmm_ops.moe_expert_ffn(x, ids, w, wg, wu, w2, impl=impl) * cot)  # noqa: E731
+        return jax.value_and_grad(fn, argnums=(0, 1, 2, 3))(x, wg, wu, w2)
+
+    (l_ref, g_ref), (l, g) = loss("reference"), loss("pallas")
+    np.testing.assert_allclose(float(l), float(l_ref), rtol=1e-4, atol=1e-4)
+    for a, b in zip(g, g_ref, strict=True):
+        assert a.shape == b.shape  # the padding does not leak into the gradients' shapes
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
+    same = gmm_ops.pad_to_tiles(x[:, :16], wg[:, :16, :16], None, w2[:, :16, :16])
+    assert same[0] is not None and same[0].shape == (n, 16) and same[2] is None  # multiples: untouched
