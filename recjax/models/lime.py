@@ -19,7 +19,7 @@ does not depend on the request (all of a 2-layer model's history side), so K req
 attention, not K forwards.
 
 Letters: B batch, L history, R links, C candidates, N item rows (row 0 = padding), D embed dim,
-U user feature fields, E = B * K examples (K cuts per sequence), M negatives.
+U user feature fields, E = B * K examples (K cuts per sequence), M negatives, G item chunks.
 """
 
 from __future__ import annotations
@@ -237,10 +237,17 @@ class LIME(nnx.Module):
         return LimeItemCache(weights_NxR, items_NxD, self.item_version[...])
 
     def score_cached(
-        self, personal_BxRxD: jax.Array, cache: LimeItemCache, candidates: jax.Array | None = None
+        self,
+        personal_BxRxD: jax.Array,
+        cache: LimeItemCache,
+        candidates: jax.Array | None = None,
+        *,
+        item_chunk: int = 8192,
     ) -> jax.Array:
         """Logits through ``cache``: every item row (B, N) when ``candidates`` is None, else (B, C) for
-        ids (C,) or (B, C). A cache older than the model is refused (NaN scores under an outer jit)."""
+        ids (C,) or (B, C). A cache older than the model is refused (NaN scores under an outer jit).
+        Every-item scoring runs over blocks of ``item_chunk`` rows (``lax.map``), so its working set is
+        B x item_chunk x D, not the B x N x D candidate representations (1M items would not fit)."""
         if not isinstance(cache, LimeItemCache):
             raise TypeError(f"cache: expected a LimeItemCache, got {type(cache).__name__}")
         rows = self.config.num_items + 1
@@ -254,13 +261,23 @@ class LIME(nnx.Module):
                 "model.build_item_cache()"
             )
         if candidates is None:
-            weights, items = cache.weights_NxR, cache.items_NxD
+            validation.check_positive("item_chunk", item_chunk)
+            scores = self._score_in_chunks(personal_BxRxD, cache.weights_NxR, cache.items_NxD, item_chunk)
         else:
             self._check_candidates("candidates", candidates, personal_BxRxD.shape[0])
             ids = candidates.astype(jnp.int32)
-            weights, items = cache.weights_NxR[ids], cache.items_NxD[ids]
-        scores = self._score(personal_BxRxD, weights, items)
+            scores = self._score(personal_BxRxD, cache.weights_NxR[ids], cache.items_NxD[ids])
         return jnp.where(stale, jnp.nan, scores)
+
+    def _score_in_chunks(self, personal_BxRxD, weights_NxR, items_NxD, chunk: int) -> jax.Array:
+        n = weights_NxR.shape[0]
+        if n <= chunk:
+            return self._score(personal_BxRxD, weights_NxR, items_NxD)
+        pad = -n % chunk  # zero rows: finite scores, sliced off below
+        w_GxCxR = jnp.pad(weights_NxR, ((0, pad), (0, 0))).reshape(-1, chunk, weights_NxR.shape[1])
+        t_GxCxD = jnp.pad(items_NxD, ((0, pad), (0, 0))).reshape(-1, chunk, items_NxD.shape[1])
+        s_GxBxC = jax.lax.map(lambda wt: self._score(personal_BxRxD, *wt), (w_GxCxR, t_GxCxD))
+        return jnp.moveaxis(s_GxBxC, 0, 1).reshape(personal_BxRxD.shape[0], -1)[:, :n]
 
     def _check_candidates(self, name: str, ids, batch: int) -> None:
         validation.check_dtype(name, ids, "iu")

@@ -117,6 +117,14 @@ def test_cached_scores_equal_on_the_fly_and_stale_cache_is_rejected():
     np.testing.assert_allclose(
         np.asarray(every[:, 1:]), np.asarray(model.score(personal, jnp.arange(1, NUM_ITEMS + 1))), rtol=1e-5
     )
+    # in item blocks (a ragged last one), eagerly and under jit: the same scores
+    chunked = model.score_cached(personal, cache, item_chunk=7)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(every), rtol=1e-5, atol=1e-6)
+    gd, st = nnx.split(model)
+    jitted = jax.jit(lambda s, c: nnx.merge(gd, s).score_cached(personal, c, item_chunk=7))(st, cache)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(every), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="item_chunk"):
+        model.score_cached(personal, cache, item_chunk=0)
     tag = int(model.item_version[...])
     advance_item_versions(model)  # what every training step does
     with pytest.raises(ValueError, match=rf"cache: built at item version {tag}, the model is at \d+"):
