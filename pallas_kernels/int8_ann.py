@@ -523,11 +523,11 @@ def int8_ivf_topk(
 def int8_scores_reference(q_BxD, items_NxD, item_scales_N) -> jax.Array:
     """Exact int32 dots, then the same float32 scaling as the kernel (before the query scale).
 
-    Up to D = 1040 the dots run as a float32 GEMM at HIGHEST precision, which is exact there (every partial
-    sum is an integer below 127^2 D <= 2^24): XLA's GPU has no int32 GEMM and lowers an int32 dot_general
-    as a reduce fusion, which at B = 128, 32k items compiled for 2 min 49 s and ran for minutes on an H200
-    (2026-12-03). Beyond that the int32 dot stays, slow but exact."""
-    if q_BxD.shape[1] * 127 * 127 < (1 << 24):
+    Up to D = 1024 the dots run as a float32 GEMM at HIGHEST precision, which is exact there (every partial
+    sum is an integer of magnitude <= 128^2 D <= 2^24, for any int8 values): XLA's GPU lowers this int32
+    dot_general as a reduce fusion, which at B = 128, 32k items compiled for 2 min 49 s and ran for minutes
+    on an H200 (2026-12-03). Beyond that the int32 dot stays, slow but exact."""
+    if q_BxD.shape[1] * 128 * 128 <= (1 << 24):
         dots = lax.dot_general(
             q_BxD.astype(jnp.float32),
             items_NxD.astype(jnp.float32),

@@ -10,8 +10,8 @@ Implementations:
 - ``"xla"``: sort, permute (a gathered (L*K, D) copy), ``jax.lax.ragged_dot``, unpermute (MaxText style).
 - ``"reference"``: every expert on every token in float32 (the definition; O(L E D F), small inputs only).
 ``"auto"`` is Pallas on an NVIDIA GPU with compute capability >= 8.0 and XLA elsewhere; on the Pallas path D
-and F are zero-padded to multiples of 16 inside the op when they are not (``pad_to_tiles``: exact, e.g.
-SASRec's d=50).
+and F are zero-padded inside the op when they are not multiples of 16 (``pad_to_tiles``: exact, e.g.
+SASRec's d=50 -> 64).
 
 ``grouped_matmul(lhs_MxK, rhs_GxKxN, group_sizes_G, impl="xla"|"reference"|"mosaic")``: rows in consecutive
 groups. ``"mosaic"`` is the Hopper Mosaic GPU kernel (``pallas_kernels.grouped_matmul_mgpu``: TMA + wgmma,
@@ -132,9 +132,8 @@ def moe_expert_ffn(
     if name == "xla":
         return _xla(*args, activation)
     d_model = x_LxD.shape[1]
-    x_LxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD = pad_to_tiles(
-        x_LxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD
-    )
+    w_up = w_up_ExDxF if activation == "swiglu" else None  # silu never reads it (nor validates it)
+    x_LxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD = pad_to_tiles(x_LxD, w_gate_ExDxF, w_up, w_down_ExFxD)
     args = (x_LxD, args[1], weights_LxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
     if blocks is None:
         blocks = default_blocks(x_LxD.shape[1], w_gate_ExDxF.shape[2], x_LxD.shape[0])
@@ -143,14 +142,23 @@ def moe_expert_ffn(
     return y[:, :d_model]
 
 
-def pad_to_tiles(x_LxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, multiple: int = 16):
-    """Zero-pads D and F to multiples of ``multiple`` (the kernels' smallest tile), so widths such as SASRec's
-    d=50 run on the kernels. Exact: padded x columns meet zero weight rows, a padded hidden unit has gate
-    pre-activation 0 (silu(0) = 0) and a zero row of w_down, and padded output columns are sliced off by the
-    caller; their gradients are dropped by the pad's transpose. Costs one copy of the weights per call when
-    a width is not a multiple (none otherwise)."""
+def padded_width(n: int) -> int:
+    """n itself when a multiple of 16 (the kernels' smallest tile); otherwise the next multiple of 64 (of 16
+    below 64), so the padded width takes 64-wide tiles (F=200 -> 256, not 208, whose tiles would be 16)."""
+    if n % 16 == 0:
+        return n
+    m = 64 if n > 64 else 16
+    return -(-n // m) * m
+
+
+def pad_to_tiles(x_LxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
+    """Zero-pads D and F to ``padded_width`` when they are not multiples of 16, so widths such as SASRec's
+    d=50 (-> 64) run on the kernels. Exact: padded x columns meet zero weight rows, a padded hidden unit has
+    gate pre-activation 0 (silu(0) = 0) and a zero row of w_down, and padded output columns are sliced off by
+    the caller; their gradients are dropped by the pad's transpose. Costs one copy of the weights per call
+    when a width is padded (none otherwise)."""
     d, f = x_LxD.shape[1], w_gate_ExDxF.shape[2]
-    pd, pf = -d % multiple, -f % multiple
+    pd, pf = padded_width(d) - d, padded_width(f) - f
     if not (pd or pf):
         return x_LxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD
     x_LxD = jnp.pad(x_LxD, ((0, 0), (0, pd)))

@@ -1,5 +1,6 @@
 """Fused Int8 ANN kernel (interpret mode on CPU) against the exact int32 reference."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -166,14 +167,17 @@ def test_padded_dim_rejects_unsupported():
         int8_ann.padded_dim(2048)
 
 
-@pytest.mark.parametrize("d", [1039, 1041])  # the float32 GEMM's last exact width, and the int32 path
+@pytest.mark.parametrize("d", [1024, 1025])  # the float32 GEMM's last exact width, and the int32 path
 def test_scores_reference_is_exact_at_extreme_int8_values(d):
     rng = np.random.default_rng(0)
-    q = rng.choice(np.array([-127, 127], np.int8), (3, d))
-    q[0] = 127  # all-max row: |dot| = 127^2 d, the largest the float32 path must hold exactly
-    items = rng.choice(np.array([-127, 127], np.int8), (5, d))
-    items[0] = -127
+    q = rng.choice(np.array([-128, 127], np.int8), (3, d))
+    q[0] = -128  # all-min row against an all-min item: |dot| = 128^2 d, the largest an int8 dot can be
+    items = rng.choice(np.array([-128, 127], np.int8), (5, d))
+    items[0] = -128
     want = q.astype(np.int64) @ items.astype(np.int64).T
-    got = int8_ann.int8_scores_reference(jnp.asarray(q), jnp.asarray(items), jnp.ones(5, jnp.float32))
+    ref = lambda q, i: int8_ann.int8_scores_reference(q, i, jnp.ones(5, jnp.float32))  # noqa: E731
+    got = ref(jnp.asarray(q), jnp.asarray(items))
     # the reference returns float32 scores: exact int32 dots, rounded once to float32
     np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+    jaxpr = str(jax.make_jaxpr(ref)(jnp.asarray(q), jnp.asarray(items)))
+    assert ("preferred_element_type=int32" in jaxpr) == (d > 1024)  # which branch ran

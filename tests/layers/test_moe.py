@@ -238,4 +238,6 @@ def test_pallas_path_pads_widths_that_are_not_multiples_of_16(rng):
         assert a.shape == b.shape  # the padding does not leak into the gradients' shapes
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
     same = gmm_ops.pad_to_tiles(x[:, :16], wg[:, :16, :16], None, w2[:, :16, :16])
-    assert same[0] is not None and same[0].shape == (n, 16) and same[2] is None  # multiples: untouched
+    assert same[0].shape == (n, 16) and same[2] is None  # multiples of 16: untouched
+    # padded widths take 64-wide tiles above 64 (F=200 -> 256, not 208 with 16-wide tiles)
+    assert [gmm_ops.padded_width(w) for w in (12, 20, 50, 64, 80, 200)] == [16, 32, 64, 64, 80, 256]
