@@ -149,7 +149,9 @@ def test_corrupted_latest_falls_back_with_one_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         restored = Checkpointer(tmp_path, max_to_keep=3).restore(_target())
     _assert_state(restored, 1)
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # ours: one warning of the checkpoint module (under load, asyncio may also log orbax's failed read task
+    # at its loop's shutdown: a race inside orbax, not a message of ours, so not counted)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("recjax")]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     message = warnings[0].getMessage()
     assert "\n" not in message and "step 8" in message and str(latest) in message, message
