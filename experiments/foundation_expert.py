@@ -247,16 +247,14 @@ def summarize(c, data, results: dict[int, dict]) -> tuple[str, dict]:
         "from the seed means:"
     )
     lines += [f"- {s}: {summary['surfaces'][s]['transfer_ratio']:.3f}" for s in data.surfaces.names]
-    cut = [f"seed {s} {fm}" for s in results for fm, v in results[s].get("out_of_time", {}).items() if v]
-    summary["fm_out_of_time"] = cut
-    if cut:
-        lines.append(f"\nFMs stopped by fm_train.max_train_seconds (not fully trained): {', '.join(cut)}")
-    ecut = [
-        f"seed {s} {e}" for s in results for e, v in results[s].get("expert_out_of_time", {}).items() if v
-    ]
-    summary["expert_out_of_time"] = ecut
-    if ecut:
-        lines.append(f"\nExperts stopped by expert_train.max_train_seconds: {', '.join(ecut)}")
+    for key, kind, what in (
+        ("out_of_time", "fm", "FMs stopped by fm_train.max_train_seconds (not fully trained)"),
+        ("expert_out_of_time", "expert", "Experts stopped by expert_train.max_train_seconds"),
+    ):
+        cut = [f"seed {s} {m}" for s in results for m, v in results[s].get(key, {}).items() if v]
+        summary[f"{kind}_out_of_time"] = cut
+        if cut:
+            lines.append(f"\n{what}: {', '.join(cut)}")
     return "\n".join(lines), summary
 
 
